@@ -1,0 +1,205 @@
+"""On-disk layout of a cache: array names, chunk files, chunk records, manifest I/O, verification.
+
+Every stage reads and writes caches through these functions; SPEC.md describes the same layout
+for readers that do not use this package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cache_schema.errors import CacheError
+from cache_schema.manifest import STATUS_COMPLETE, STREAMS, Manifest
+
+MANIFEST_KEY = "manifest"
+RECORDS_DIR = "_chunks"
+TOKENS, MASKED_TOKENS, IS_MASKED, SEQ = "tokens", "masked_tokens", "is_masked", "seq"
+TOKEN_ARRAYS = {TOKENS: "<i4", MASKED_TOKENS: "<i4", IS_MASKED: "|b1", SEQ: "<i4"}
+_STORAGE = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
+
+
+def activation_array(stream: str, hook: str) -> str:
+    """Array path of one stream ('clean' or 'masked') of one hook."""
+    if stream not in STREAMS:
+        raise CacheError(f"unknown stream {stream!r}: expected one of {STREAMS}")
+    return f"{stream}/{hook}"
+
+
+def storage_dtype(name: str) -> np.dtype:
+    """numpy dtype of the stored activation bytes (bfloat16 is stored as uint16 bit patterns)."""
+    return np.dtype(_STORAGE[name])
+
+
+def array_specs(m: Manifest) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Every array of the cache: path -> (shape, on-disk dtype)."""
+    specs = {name: ((m.n_tokens,), np.dtype(dt)) for name, dt in TOKEN_ARRAYS.items()}
+    for hook in m.hooks:
+        for stream in STREAMS:
+            specs[activation_array(stream, hook)] = ((m.n_tokens, m.d_model),
+                                                     storage_dtype(m.storage_dtype))
+    return specs
+
+
+def chunk_file(root: str | Path, array: str, ndim: int, k: int) -> Path:
+    """File of chunk k of an array (Zarr v3 default chunk key encoding, '/' separator)."""
+    return Path(root, array, "c", str(k), *(["0"] * (ndim - 1)))
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write a file so that a crash leaves either the old or the new content, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _dumps(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def write_manifest(root: str | Path, m: Manifest) -> None:
+    """Write the root group's zarr.json with the manifest as its `manifest` attribute."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    group = {"zarr_format": 3, "node_type": "group", "attributes": {MANIFEST_KEY: m.to_dict()}}
+    atomic_write(root / "zarr.json", _dumps(group))
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    """Manifest of the cache at root; CacheError if there is none or it is invalid."""
+    path = Path(root, "zarr.json")
+    if not Path(root).exists():
+        raise CacheError(f"no cache at {root}: the path does not exist")
+    if not path.is_file():
+        raise CacheError(f"{root} is not a cache: it has no zarr.json")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{path} is unreadable or not JSON ({e}); the cache is corrupt") from e
+    attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
+    if MANIFEST_KEY not in attrs:
+        raise CacheError(f"{root} is a Zarr group but not a pipeline cache: no manifest attribute")
+    return Manifest.from_dict(attrs[MANIFEST_KEY])
+
+
+def open_cache(root: str | Path, require_complete: bool = True) -> Manifest:
+    """Validated manifest of a cache that readers may use."""
+    m = read_manifest(root)
+    if require_complete and m.status != STATUS_COMPLETE:
+        done = len(list_done_chunks(root))
+        raise CacheError(
+            f"cache {root} is not complete (status '{m.status}', {done}/{m.n_chunks} chunks "
+            "written): finish it by re-running the same `pipeline extract` command"
+        )
+    return m
+
+
+def record_path(root: str | Path, k: int) -> Path:
+    return Path(root, RECORDS_DIR, f"{k:08d}.json")
+
+
+def write_chunk_record(root: str | Path, k: int, record: dict[str, Any]) -> None:
+    """Mark chunk k done: its checksums and norm statistics. Written after the chunk's data."""
+    path = record_path(root, k)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, _dumps(record))
+
+
+def read_chunk_record(root: str | Path, k: int) -> dict[str, Any]:
+    path = record_path(root, k)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CacheError(f"chunk {k} has no record ({path}): the chunk was never finished")
+    except ValueError as e:
+        raise CacheError(f"chunk {k}: record {path} is not valid JSON ({e})") from e
+
+
+def list_done_chunks(root: str | Path) -> list[int]:
+    """Chunks whose record exists (their data was fully written before the record)."""
+    d = Path(root, RECORDS_DIR)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.stem) for p in d.glob("*.json") if p.stem.isdigit())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def chunk_checksums(root: str | Path, m: Manifest, k: int) -> dict[str, str]:
+    """SHA-256 of chunk k's file in every array."""
+    return {name: file_sha256(chunk_file(root, name, len(shape), k))
+            for name, (shape, _) in array_specs(m).items()}
+
+
+def records_digest(root: str | Path, m: Manifest) -> str:
+    """SHA-256 over every chunk record in chunk order (pins the records once complete)."""
+    h = hashlib.sha256()
+    for k in range(m.n_chunks):
+        h.update(_dumps(read_chunk_record(root, k)))
+    return h.hexdigest()
+
+
+def aggregate_norm_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum per-chunk norm sums into per-hook, per-stream statistics (see SPEC.md)."""
+    out: dict[str, Any] = {}
+    for rec in records:
+        for hook, streams in rec["stats"].items():
+            for stream, s in streams.items():
+                acc = out.setdefault(hook, {}).setdefault(stream, dict.fromkeys(s, 0.0))
+                for key, v in s.items():
+                    acc[key] = max(acc[key], v) if key.endswith("max") else acc[key] + v
+    for streams in out.values():
+        for stream, a in streams.items():
+            n, ns = a["count"], a["special_count"]
+            mean = a["sum"] / n if n else float("nan")
+            streams[stream] = {
+                "count": int(n),
+                "mean_norm": mean,
+                "rms_norm": math.sqrt(a["sumsq"] / n) if n else float("nan"),
+                "std_norm": math.sqrt(max(a["sumsq"] / n - mean * mean, 0.0)) if n else float("nan"),
+                "max_norm": a["max"],
+                "special_count": int(ns),
+                "special_mean_norm": a["special_sum"] / ns if ns else None,
+                "special_max_norm": a["special_max"] if ns else None,
+            }
+    return out
+
+
+def verify(root: str | Path) -> tuple[Manifest, list[str]]:
+    """Check every chunk file against its recorded SHA-256. Returns the problems found."""
+    m = read_manifest(root)
+    problems = []
+    done = set(list_done_chunks(root))
+    for k in range(m.n_chunks):
+        if k not in done:
+            problems.append(f"chunk {k}: not written (no record)")
+            continue
+        try:
+            expected = read_chunk_record(root, k)["checksums"]
+        except (CacheError, KeyError) as e:
+            problems.append(f"chunk {k}: bad record ({e})")
+            continue
+        for name, (shape, _) in array_specs(m).items():
+            path = chunk_file(root, name, len(shape), k)
+            if not path.is_file():
+                problems.append(f"chunk {k}: {name} file missing ({path})")
+            elif file_sha256(path) != expected.get(name):
+                problems.append(f"chunk {k}: {name} checksum mismatch ({path})")
+    if m.status == STATUS_COMPLETE and not problems and records_digest(root, m) != m.chunks_digest:
+        problems.append("chunk records do not match the manifest's chunks_digest")
+    return m, problems

