@@ -48,7 +48,7 @@ def test_default_activations_equal_hf_forward_of_the_gguf_model(default_cache):
             ours = torch.from_numpy(read(default_cache, activation_array(stream, m.hooks[
                 m.layers.index(layer)])))
             ref = hs[layer + 1].reshape(-1, m.d_model)
-            torch.testing.assert_close(ours, ref, atol=2e-3, rtol=1e-4)
+            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-5)
 
 
 def test_bos_is_a_norm_outlier_kept_out_of_the_stats(default_cache):
