@@ -2,7 +2,8 @@
 
 The manifest is stored as the `manifest` attribute of the cache's root Zarr group (its
 `zarr.json`). Fields split in two: *identity* fields determine every byte of the arrays and are
-hashed into the cache id; *state* fields (status, norm statistics) change while the cache is written.
+hashed into the cache id; descriptive names (model_name, corpus_source) and *state* fields (status,
+norm statistics, chunks digest) are not.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ class Manifest:
     cache_id: str = ""
     """Content-derived id: sha256 of the identity fields, 16 hex characters."""
 
-    STATE_FIELDS = ("status", "norm_stats", "chunks_digest", "cache_id")
+    # Not hashed into the id: names that describe (the fingerprints pin the content), and state.
+    NON_IDENTITY_FIELDS = ("model_name", "corpus_source", "status", "norm_stats", "chunks_digest",
+                           "cache_id")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -119,7 +122,7 @@ class Manifest:
 
     def identity(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in self.STATE_FIELDS:
+        for k in self.NON_IDENTITY_FIELDS:
             d.pop(k)
         return d
 

@@ -223,3 +223,24 @@ def test_resume_after_lost_chunks_gives_identical_bytes(tmp_path, tiny_cache, ti
     (cache / "tokens" / "c" / "3").unlink()
     extract(tiny_config(cache, tiny_model, corpus), progress=False)
     assert tree_bytes(cache) == tree_bytes(tiny_cache)
+
+
+def test_model_is_truncated_after_the_deepest_hooked_layer(tiny_model):
+    from pipeline.extract.model import decoder_layers, load_truncated, resolve_model
+
+    base = load_truncated(resolve_model(str(tiny_model)), 2, torch.float32, "cpu")
+    assert len(decoder_layers(base)) == 2
+    assert not any("lm_head" in name for name, _ in base.named_parameters())
+
+
+def test_cache_id_depends_on_content_not_on_paths(tmp_path, tiny_model, corpus):
+    shutil.copytree(corpus, tmp_path / "moved_corpus")
+    shutil.copytree(tiny_model, tmp_path / "moved_model")
+    a = extract(tiny_config(tmp_path / "a", tiny_model, corpus, layers=[0]), progress=False)
+    b = extract(tiny_config(tmp_path / "b", tmp_path / "moved_model", tmp_path / "moved_corpus",
+                            layers=[0]), progress=False)
+    assert a.cache_id == b.cache_id
+    (tmp_path / "moved_corpus" / "doc000.txt").write_text("A different first document. " * 50)
+    c = extract(tiny_config(tmp_path / "c", tmp_path / "moved_model", tmp_path / "moved_corpus",
+                            layers=[0]), progress=False)
+    assert c.cache_id != a.cache_id
