@@ -132,17 +132,20 @@ def list_done_chunks(root: str | Path) -> list[int]:
     return sorted(int(p.stem) for p in d.glob("*.json") if p.stem.isdigit())
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, sync: bool = False) -> str:
+    """SHA-256 of a file; with sync, also flush it to stable storage (fsync)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
             h.update(block)
+        if sync:
+            os.fsync(f.fileno())
     return h.hexdigest()
 
 
-def chunk_checksums(root: str | Path, m: Manifest, k: int) -> dict[str, str]:
-    """SHA-256 of chunk k's file in every array."""
-    return {name: file_sha256(chunk_file(root, name, len(shape), k))
+def chunk_checksums(root: str | Path, m: Manifest, k: int, sync: bool = False) -> dict[str, str]:
+    """SHA-256 of chunk k's file in every array (sync: fsync each file, before its record)."""
+    return {name: file_sha256(chunk_file(root, name, len(shape), k), sync)
             for name, (shape, _) in array_specs(m).items()}
 
 
@@ -166,13 +169,13 @@ def aggregate_norm_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
     for streams in out.values():
         for stream, a in streams.items():
             n, ns = a["count"], a["special_count"]
-            mean = a["sum"] / n if n else float("nan")
+            mean = a["sum"] / n if n else None
             streams[stream] = {
                 "count": int(n),
                 "mean_norm": mean,
-                "rms_norm": math.sqrt(a["sumsq"] / n) if n else float("nan"),
-                "std_norm": math.sqrt(max(a["sumsq"] / n - mean * mean, 0.0)) if n else float("nan"),
-                "max_norm": a["max"],
+                "rms_norm": math.sqrt(a["sumsq"] / n) if n else None,
+                "std_norm": math.sqrt(max(a["sumsq"] / n - mean * mean, 0.0)) if n else None,
+                "max_norm": a["max"] if n else None,
                 "special_count": int(ns),
                 "special_mean_norm": a["special_sum"] / ns if ns else None,
                 "special_max_norm": a["special_max"] if ns else None,

@@ -244,3 +244,17 @@ def test_cache_id_depends_on_content_not_on_paths(tmp_path, tiny_model, corpus):
     c = extract(tiny_config(tmp_path / "c", tmp_path / "moved_model", tmp_path / "moved_corpus",
                             layers=[0]), progress=False)
     assert c.cache_id != a.cache_id
+
+
+def test_model_fingerprint_sees_weight_values_not_only_sizes(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.extract.model import folder_fingerprint
+
+    other = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    other.save_pretrained(tmp_path / "other")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / f, tmp_path / "other" / f)
+    assert folder_fingerprint(tmp_path / "other") != folder_fingerprint(tiny_model)

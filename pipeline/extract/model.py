@@ -47,12 +47,41 @@ def _gguf_fingerprint(path: Path) -> str:
 
 
 def folder_fingerprint(folder: Path) -> str:
-    """SHA-256 of config.json and the names and sizes of the weight files."""
+    """SHA-256 of config.json and the contents of the weight files (memoised by size and mtime)."""
     h = hashlib.sha256((folder / "config.json").read_bytes())
     for p in sorted(folder.iterdir()):
         if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
-            h.update(f"{p.name}:{p.stat().st_size}".encode())
+            h.update(f"{p.name}:{file_digest(p)}".encode())
     return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a (large) file, remembered in PIPELINE_HOME so each file is read once."""
+    memo_path = cache_home() / "file_digests.json"
+    st = path.stat()
+    key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns]
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo.get(key, {}).get("stamp") == stamp:
+        return memo[key]["sha256"]
+    if st.st_size > 1 << 30:
+        print(f"hashing {path.name} ({st.st_size / 2**30:.1f} GiB) once for the cache id",
+              file=sys.stderr)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    memo[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_name(f"{memo_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    except OSError:
+        pass  # the memo is only a speed-up
+    return memo[key]["sha256"]
 
 
 def convert_gguf(gguf: Path, fingerprint: str) -> Path:

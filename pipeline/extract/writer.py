@@ -97,7 +97,7 @@ class ChunkWriter:
                 lo = k * self.m.rows_per_chunk
                 for name, values in data.items():
                     self.arrays[name][lo: lo + len(values)] = values
-                record = {"chunk": k, "checksums": chunk_checksums(self.root, self.m, k),
+                record = {"chunk": k, "checksums": chunk_checksums(self.root, self.m, k, sync=True),
                           "stats": stats}
                 write_chunk_record(self.root, k, record)
             except BaseException as e:  # surfaced on the next submit/close
