@@ -119,7 +119,7 @@ def read_chunk_record(root: str | Path, k: int) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise CacheError(f"chunk {k} has no record ({path}): the chunk was never finished")
+        raise CacheError(f"chunk {k} has no record ({path}): the chunk was never finished") from None
     except ValueError as e:
         raise CacheError(f"chunk {k}: record {path} is not valid JSON ({e})") from e
 

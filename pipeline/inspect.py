@@ -50,7 +50,7 @@ def describe(root: str | Path) -> str:
     for name, (shape, dtype) in array_specs(m).items():
         size = _disk_bytes(root / name)
         total += size
-        lines.append(f"  {name:<40} {str(list(shape)):<16} {dtype.str:<4} {_size(size):>10}")
+        lines.append(f"  {name:<40} {list(shape)!s:<16} {dtype.str:<4} {_size(size):>10}")
     lines.append(f"  {'total':<40} {'':<16} {'':<4} {_size(total):>10}")
     stats = m.norm_stats
     label = "norm stats"

@@ -35,7 +35,7 @@ def test_default_activations_equal_hf_forward_of_the_gguf_model(default_cache):
     """Reference: the full model loaded straight from the GGUF file, not from our conversion."""
     from transformers import AutoModelForCausalLM
 
-    folder = Path(list(importlib.util.find_spec(DEFAULT_PACKAGE).submodule_search_locations)[0])
+    folder = Path(next(iter(importlib.util.find_spec(DEFAULT_PACKAGE).submodule_search_locations)))
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF,
                                                  dtype=torch.float32).eval()
     m = open_cache(default_cache)

