@@ -27,6 +27,7 @@ from cache_schema import (
     records_digest,
     write_manifest,
 )
+from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.extract import model as models
 from pipeline.extract.config import ExtractConfig
@@ -35,17 +36,6 @@ from pipeline.extract.masking import mask_sequences
 from pipeline.extract.writer import ChunkWriter, chunk_stats
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(f"device {device} was asked for but CUDA is not available here: "
-                            "use --device cpu")
-    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise PipelineError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N")
-    return device
 
 
 def plan(cfg: ExtractConfig) -> tuple[Manifest, np.ndarray, models.ModelSource, object]:
