@@ -1,0 +1,158 @@
+"""SAEConfig and the SAE base class every architecture extends.
+
+Conventions (the source article's): mse is the mean over batch x d_in of the squared error, the
+sparsity term the mean over batch x d_sae of |z|. Every method used inside a training step is
+CUDA-graph capturable: no host sync, no data-dependent shapes, buffers updated in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PENALTIES = ("shrink", "restore", "off")
+
+
+@dataclass
+class SAEConfig:
+    arch: str
+    """relu, masked, gated, topk or batchtopk."""
+    d_in: int
+    """Width of the input activations (d_model)."""
+    d_sae: int
+    """Number of latents."""
+    l1: float = 1e-3
+    """Sparsity coefficient on mean |z| (relu, masked, gated)."""
+    k: int = 32
+    """Active latents per token (topk; batchtopk on average over the batch)."""
+    aux_k: int = 256
+    """Dead latents used by the auxiliary loss (topk, batchtopk)."""
+    aux_coeff: float = 1 / 32
+    """Coefficient of the auxiliary loss against dead latents."""
+    dead_tokens: int = 2_000_000
+    """A latent that has not fired in this many training tokens is dead."""
+    mask_momentum: float = 0.99
+    """masked: momentum of the EMA of each latent's mean |z|."""
+    mask_eps: float = 1e-4
+    """masked: latents whose EMA is below this are masked (dormant)."""
+    mask_every: int = 500
+    """masked: refresh the mask every N steps (outside the CUDA graph)."""
+    absorption: float = 5e-4
+    """masked: coefficient of the decoder-norm penalty on masked latents."""
+    penalty: str = "shrink"
+    """masked: shrink, restore or off (see MaskedSAE)."""
+    gate_init: float = 2.0
+    """gated: initial gate logit g (gate = sigmoid(g))."""
+    gate_reg: float = 1e-4
+    """gated: coefficient of the mean binary entropy of the gates."""
+    threshold_momentum: float = 0.99
+    """batchtopk: momentum of the running inference threshold."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.d_in < 1 or self.d_sae < 1:
+            problems.append(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
+        if self.arch in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
+            problems.append(f"k must be between 1 and d_sae ({self.d_sae}), got {self.k}")
+        if self.penalty not in PENALTIES:
+            problems.append(f"unknown penalty {self.penalty!r} (known: {', '.join(PENALTIES)})")
+        if self.mask_every < 1 or self.aux_k < 1 or self.dead_tokens < 1:
+            problems.append("mask_every, aux_k and dead_tokens must be positive")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+class SAE(nn.Module):
+    """Linear encoder, nonlinearity, linear decoder with unit-norm rows.
+
+    Subclasses define `activation(pre)` (training-time latents) and may add loss terms
+    (`extra_loss`), in-step statistics (`update_stats`) and SAELens export details."""
+
+    saelens_architecture = "standard"
+
+    def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.cfg = cfg
+        w = torch.randn(cfg.d_sae, cfg.d_in, generator=generator)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w)
+        self.W_enc = nn.Parameter(w.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae))
+
+    # -- forward --------------------------------------------------------------------------------
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """Latents during training (batchtopk differs from inference)."""
+        return self.activation(pre)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents at inference (equal to training-time latents except for batchtopk)."""
+        return self.activation(self.pre_activation(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # -- training -------------------------------------------------------------------------------
+    def loss(self, x: torch.Tensor, l1_scale: torch.Tensor
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(total loss, its parts, x_hat, z) of a training batch; updates the statistics."""
+        pre = self.pre_activation(x)
+        z = self.train_activation(pre)
+        x_hat = self.decode(z)
+        parts = {"mse": (x - x_hat).pow(2).mean()}
+        parts.update(self.extra_loss(x, x_hat, pre, z, l1_scale))
+        with torch.no_grad():
+            self._count_firing(z)
+            self.update_stats(z)
+        return sum(parts.values()), parts, x_hat, z
+
+    def extra_loss(self, x, x_hat, pre, z, l1_scale) -> dict[str, torch.Tensor]:
+        """Loss terms besides the reconstruction (default: l1 on mean |z|)."""
+        return {"sparsity": self.cfg.l1 * l1_scale * z.abs().mean()}
+
+    def _count_firing(self, z: torch.Tensor) -> None:
+        fired = (z != 0).any(dim=0)
+        self.tokens_since_fired.add_(z.shape[0])
+        self.tokens_since_fired.masked_fill_(fired, 0.0)
+
+    def update_stats(self, z: torch.Tensor) -> None:
+        """In-step statistics (no grad, in place)."""
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    def refresh(self, step: int) -> None:
+        """Outside the graph, after `step` steps are done (masked: the dormancy mask)."""
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    def mask_density(self) -> torch.Tensor:
+        return torch.zeros((), device=self.W_dec.device)
+
+    # -- export ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def saelens_export(self, scale: float) -> tuple[dict[str, torch.Tensor], dict]:
+        """SAELens tensors and cfg fields with the input scaling folded in: applied to raw x,
+        the export gives z(raw x) = z(scale * x) and x_hat(raw x) = x_hat(scale * x) / scale."""
+        w_enc, b_enc = self.export_encoder()
+        tensors = {"W_enc": w_enc * scale, "W_dec": self.W_dec / scale, "b_enc": b_enc,
+                   "b_dec": self.b_dec / scale}
+        return ({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+                {"architecture": self.saelens_architecture})
+
+    def export_encoder(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.W_enc, self.b_enc

@@ -1,0 +1,104 @@
+"""Save and load SAEs in the SAELens folder format: cfg.json + sae_weights.safetensors.
+
+Checked against sae-lens 6 (`SAE.load_from_disk(folder)`): W_enc [d_in, d_sae], W_dec [d_sae,
+d_in], b_enc [d_sae], b_dec [d_in] (+ threshold [d_sae] for jumprelu); cfg keys architecture,
+d_in, d_sae, dtype, device, apply_b_dec_to_input, normalize_activations, reshape_activations,
+metadata (with sae_lens_version >= 6 so that hook_name/model_name survive), and k for topk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.sae.base import SAE
+
+WEIGHTS, CFG = "sae_weights.safetensors", "cfg.json"
+SAE_LENS_VERSION = "6.0.0"
+_TENSORS = {"standard": ("W_enc", "W_dec", "b_enc", "b_dec"),
+            "topk": ("W_enc", "W_dec", "b_enc", "b_dec"),
+            "jumprelu": ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_saelens(folder: str | Path, sae: SAE, scale: float, metadata: dict) -> dict[str, str]:
+    """Write the SAE (input scaling folded in) for SAELens; returns {file name: sha256}."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors, fields = sae.saelens_export(scale)
+    cfg = {**fields, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "dtype": "float32",
+           "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "reshape_activations": "none",
+           "metadata": {"sae_lens_version": SAE_LENS_VERSION, "trained_arch": sae.cfg.arch,
+                        **metadata}}
+    tmp = folder / (WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / WEIGHTS)
+    tmp = folder / (CFG + ".tmp")
+    tmp.write_text(json.dumps(cfg, indent=1, default=str))
+    os.replace(tmp, folder / CFG)
+    return {name: _sha256(folder / name) for name in (WEIGHTS, CFG)}
+
+
+class InferenceSAE(nn.Module):
+    """A saved SAE applied to raw activations: standard, topk or jumprelu, as SAELens runs them."""
+
+    def __init__(self, cfg: dict, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.cfg = cfg
+        self.architecture = cfg["architecture"]
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        acts = torch.relu(pre)
+        if self.architecture == "topk":
+            top, idx = acts.topk(int(self.cfg["k"]), dim=-1, sorted=False)
+            return torch.zeros_like(acts).scatter_(-1, idx, top)
+        if self.architecture == "jumprelu":
+            return acts * (pre > self.threshold)
+        return acts
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def load_saelens(folder: str | Path) -> InferenceSAE:
+    """Read a saved SAE (safetensors only, no pickle) with clear errors for what is wrong."""
+    folder = Path(folder)
+    for name in (CFG, WEIGHTS):
+        if not (folder / name).is_file():
+            raise PipelineError(f"{folder} is not a saved SAE: {name} is missing")
+    try:
+        cfg = json.loads((folder / CFG).read_text())
+    except ValueError as e:
+        raise PipelineError(f"{folder / CFG} is not valid JSON ({e})") from e
+    arch = cfg.get("architecture")
+    if arch not in _TENSORS:
+        raise PipelineError(f"{folder}: architecture {arch!r} is not one this tool reads "
+                            f"({', '.join(_TENSORS)})")
+    tensors = load_file(str(folder / WEIGHTS))
+    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,),
+              "b_dec": (d_in,), "threshold": (d_sae,)}
+    for name in _TENSORS[arch]:
+        if name not in tensors:
+            raise PipelineError(f"{folder / WEIGHTS} has no tensor {name} (needed by {arch})")
+        if tuple(tensors[name].shape) != shapes[name]:
+            raise PipelineError(f"{folder / WEIGHTS}: {name} has shape "
+                                f"{tuple(tensors[name].shape)}, cfg.json says {shapes[name]}")
+    return InferenceSAE(cfg, {n: tensors[n].float() for n in _TENSORS[arch]})

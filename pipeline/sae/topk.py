@@ -1,0 +1,66 @@
+"""k-sparse SAEs: TopK (k latents per token) and BatchTopK (k x batch latents per batch), both
+with the auxiliary loss of Gao et al. (2024) that reconstructs the residual from dead latents."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.sae.base import SAE
+
+
+def keep_topk(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Zeros except the k largest entries of each row (fixed shapes)."""
+    top, idx = values.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(values).scatter_(-1, idx, top)
+
+
+class TopKSAE(SAE):
+    saelens_architecture = "topk"
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return keep_topk(torch.relu(pre), self.cfg.k)
+
+    def extra_loss(self, x, x_hat, pre, z, l1_scale):
+        """AuxK: the top aux_k dead latents reconstruct the residual error, as a normalised MSE;
+        exactly 0 while no latent is dead (no branch on values)."""
+        dead = self.dead_mask()
+        err = (x - x_hat).detach()
+        aux_pre = torch.relu(pre.masked_fill(~dead, float("-inf")))
+        k = min(self.cfg.aux_k, self.cfg.d_sae)
+        err_hat = keep_topk(aux_pre, k) @ self.W_dec
+        nmse = (err_hat - err).pow(2).mean() / (err - err.mean(0)).pow(2).mean().clamp_min(1e-12)
+        return {"aux": self.cfg.aux_coeff * nmse * dead.any().float()}
+
+    def saelens_export(self, scale):
+        tensors, cfg = super().saelens_export(scale)
+        return tensors, {**cfg, "k": self.cfg.k}
+
+
+class BatchTopKSAE(TopKSAE):
+    """Training keeps the k*B largest activations of the whole batch; inference uses a running
+    threshold (EMA of the smallest activation kept), so it is saved as SAELens `jumprelu`."""
+
+    saelens_architecture = "jumprelu"
+
+    def __init__(self, cfg, generator=None):
+        super().__init__(cfg, generator)
+        self.register_buffer("threshold", torch.zeros(()))
+
+    def train_activation(self, pre: torch.Tensor) -> torch.Tensor:
+        acts = torch.relu(pre)
+        flat = keep_topk(acts.reshape(1, -1), self.cfg.k * acts.shape[0])
+        return flat.reshape(acts.shape)
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre) * (pre > self.threshold)
+
+    def update_stats(self, z: torch.Tensor) -> None:
+        smallest = z.masked_fill(z <= 0, float("inf")).min()
+        smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold)
+        m = self.cfg.threshold_momentum
+        self.threshold.mul_(m).add_(smallest, alpha=1 - m)
+
+    def saelens_export(self, scale):
+        tensors, cfg = SAE.saelens_export(self, scale)
+        tensors["threshold"] = self.threshold.detach().float().cpu().expand(self.cfg.d_sae).clone()
+        return tensors, cfg
