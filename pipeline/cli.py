@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -94,6 +95,25 @@ def verify(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
         typer.echo(f"cache {m.cache_id}: {len(problems)} problem(s)", err=True)
         raise typer.Exit(1)
     typer.echo(f"cache {m.cache_id} ({m.status}): all {m.n_chunks} chunks match their checksums")
+
+
+def _train(cfg) -> None:
+    """Train a sparse autoencoder on one layer and stream of a cache (SAELens folder format out)."""
+    from pipeline.train.trainer import train as run_train
+
+    summary = run_train(cfg)
+    typer.echo(json.dumps(summary, indent=1))
+
+
+def _register_train() -> None:
+    from pipeline.options import command_from_dataclass
+    from pipeline.train.config import TrainConfig
+
+    command = command_from_dataclass(TrainConfig, _train, short={"out": "-o", "layer": "-l"})
+    app.command(name="train")(friendly_errors(command))
+
+
+_register_train()
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,85 @@
+"""A small, valid, complete cache of random activations, for tests and benchmarks: real manifest,
+chunk records, checksums and norm statistics, written through the extract writer. Row r of layer
+L's clean stream has activation[:, 0] = r (so tests can see which rows a batch holds); BOS rows
+(position 0 of each sequence) have ~100x the norm of the rest, as in real models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cache_schema import (
+    IS_MASKED,
+    MASKED_TOKENS,
+    SEQ,
+    TOKENS,
+    Manifest,
+    activation_array,
+    hook_name,
+    storage_dtype,
+    write_manifest,
+)
+from pipeline.extract.run import finalize
+from pipeline.extract.writer import ChunkWriter, chunk_stats
+
+BOS, VOCAB = 1, 1000
+
+
+def _store(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return x.astype(storage_dtype(dtype))
+
+
+def write_synthetic_cache(root: str | Path, n_chunks: int = 8, rows_per_chunk: int = 1024,
+                          d_model: int = 64, layers: tuple[int, ...] = (0,),
+                          context_length: int = 64, storage_dtype: str = "float32",
+                          codec: str = "none", seed: int = 0,
+                          index_column: bool = True) -> Manifest:
+    """Write the cache; index_column=False leaves column 0 random (for training benchmarks)."""
+    root = Path(root)
+    n_seq = n_chunks * rows_per_chunk // context_length
+    m = Manifest(
+        model_name="synthetic", model_fingerprint=f"synthetic-{seed}", model_revision=None,
+        compute_dtype="float32", device_type="cpu", layers=list(layers),
+        n_model_layers=max(layers) + 1, d_model=d_model, context_length=context_length,
+        n_sequences=n_seq, rows_per_chunk=rows_per_chunk, batch_size=1,
+        storage_dtype=storage_dtype, codec=codec, mask_rate=0.3, mask_strategy="mask-token",
+        mask_token_id=2, mask_seed=seed, bos_token_id=BOS, special_token_ids=[0, BOS, 2],
+        tokenizer_hash="synthetic", corpus_source="synthetic", corpus_fingerprint=f"seed-{seed}")
+    write_manifest(root, m)
+    writer = ChunkWriter(root, m)
+    rng = np.random.default_rng(seed)
+    R = rows_per_chunk
+    for k in range(n_chunks):
+        rows = np.arange(k * R, (k + 1) * R)
+        tokens = rng.integers(3, VOCAB, R).astype(np.int32)
+        bos = rows % context_length == 0
+        tokens[bos] = BOS
+        is_masked = (rng.random(R) < 0.3) & ~bos
+        masked_tokens = np.where(is_masked, 2, tokens).astype(np.int32)
+        data = {TOKENS: tokens, MASKED_TOKENS: masked_tokens, IS_MASKED: is_masked,
+                SEQ: (rows // context_length).astype(np.int32)}
+        norms = {}
+        for layer in layers:
+            clean = rng.normal(size=(R, d_model)).astype(np.float32)
+            clean[bos] *= 100.0
+            if index_column:
+                clean[:, 0] = rows + layer * 0.25
+            masked = clean + 0.1 * rng.normal(size=clean.shape).astype(np.float32)
+            h = hook_name(layer)
+            norms[h] = {}
+            for stream, x in (("clean", clean), ("masked", masked)):
+                stored = _store(x, storage_dtype)
+                data[activation_array(stream, h)] = stored
+                norms[h][stream] = np.linalg.norm(_load(stored, storage_dtype), axis=1)
+        writer.submit(k, data, chunk_stats(norms, np.isin(tokens, m.special_token_ids)))
+    writer.close()
+    return finalize(root, m)
+
+
+def _load(stored: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32)

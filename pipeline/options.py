@@ -1,0 +1,59 @@
+"""Turn a config dataclass into a typer command: one definition serves the CLI, the saved config
+and the validation (the sparsify style). Help texts are the field docstrings."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import textwrap
+import typing
+from collections.abc import Callable
+
+import typer
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, by field name."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, nxt in itertools.pairwise(body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def command_from_dataclass(cls: type, run: Callable, skip: tuple[str, ...] = (),
+                           short: dict[str, str] | None = None) -> Callable:
+    """A function whose keyword parameters are typer options for every field of `cls`; calling it
+    builds `cls(**options)` and passes it to `run`. Fields without a default become required."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    short = short or {}
+    params = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ...
+        flag = f.name.replace("_", "-")
+        names = [f"--{flag}/--no-{flag}" if hints[f.name] is bool else f"--{flag}"]
+        names += [short[f.name]] if f.name in short else []
+        option = typer.Option(default, *names, help=docs.get(f.name, ""), show_default=True)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=hints[f.name]))
+
+    def command(**kwargs):
+        return run(cls(**kwargs))
+
+    command.__signature__ = inspect.Signature(params)
+    command.__name__ = run.__name__
+    command.__doc__ = run.__doc__
+    return command

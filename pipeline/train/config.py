@@ -1,0 +1,144 @@
+"""TrainConfig: the settings of `pipeline train`; the CLI options are generated from these fields
+and the config is saved beside every run (train_config.json)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from pipeline.errors import PipelineError
+from pipeline.sae import REGISTRY, SAEConfig
+
+_SAE = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
+STREAMS = ("clean", "masked", "mix")
+CUDA_GRAPH = ("auto", "on", "off")
+
+
+@dataclass
+class TrainConfig:
+    cache: str
+    """Cache folder written by `pipeline extract`."""
+    out: str = "runs/demo"
+    """Run folder: SAE weights, cfg.json, metrics, plots, checkpoints."""
+    layer: int | None = None
+    """Layer of the cache to train on; default: the cache's only (or first) layer."""
+    stream: str = "clean"
+    """clean, masked, or mix (whole chunks from either stream)."""
+    mix_fraction: float = 0.5
+    """With --stream mix: fraction of chunks taken from the masked stream."""
+    arch: str = "relu"
+    """SAE architecture: relu, masked, gated, topk, batchtopk."""
+    expansion: int = 8
+    """d_sae = expansion * d_model, unless --d-sae is given."""
+    d_sae: int | None = None
+    """Number of latents (overrides --expansion)."""
+    k: int = _SAE["k"]
+    """Active latents per token (topk; batchtopk: on average)."""
+    l1: float = _SAE["l1"]
+    """Sparsity coefficient on mean |z| (relu, masked, gated)."""
+    l1_warmup_steps: int = 0
+    """Steps over which the sparsity coefficient ramps linearly from 0 to --l1."""
+    absorption: float = _SAE["absorption"]
+    """masked: coefficient of the decoder-norm penalty on masked (dormant) latents."""
+    penalty: str = _SAE["penalty"]
+    """masked: penalty direction: shrink (the article's term), restore, or off."""
+    mask_every: int = _SAE["mask_every"]
+    """masked: refresh the dormancy mask every N steps."""
+    mask_eps: float = _SAE["mask_eps"]
+    """masked: a latent whose EMA of mean |z| is below this is masked (5e-5 for early layers)."""
+    gate_reg: float = _SAE["gate_reg"]
+    """gated: coefficient of the mean binary entropy of the gates."""
+    aux_k: int = _SAE["aux_k"]
+    """topk/batchtopk: dead latents used by the auxiliary loss."""
+    aux_coeff: float = _SAE["aux_coeff"]
+    """topk/batchtopk: coefficient of the auxiliary loss."""
+    dead_tokens: int = _SAE["dead_tokens"]
+    """A latent that has not fired in this many training tokens counts as dead."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    lr: float = 2e-4
+    """Adam learning rate after warm-up."""
+    lr_warmup_steps: int = 100
+    """Steps of linear learning-rate warm-up from 0."""
+    lr_decay_fraction: float = 0.2
+    """Final fraction of the steps over which the learning rate decays linearly to 0."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm at this value (0 disables)."""
+    tokens: int | None = None
+    """Training tokens; steps = tokens // batch_size (default: one epoch of the cache)."""
+    steps: int | None = None
+    """Training steps (instead of --tokens)."""
+    seed: int = 0
+    """Seed of the SAE initialisation and of the data order."""
+    normalize: bool = True
+    """Scale inputs so that E||x|| = sqrt(d_model) (folded back into the saved weights)."""
+    keep_special: bool = False
+    """Keep BOS and other special-token positions (outlier norms) in training batches."""
+    holdout_chunks: int = 0
+    """Leave the cache's last N chunks out of training; evaluated at the end."""
+    window_chunks: int = 4
+    """Chunks shuffled together in memory (the shuffle window)."""
+    log_every: int = 50
+    """Write metrics every N steps (the only host syncs of the training loop)."""
+    checkpoint_every: int = 500
+    """Save the full training state every N steps (a multiple of --log-every)."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    cuda_graph: str = "auto"
+    """auto (on for CUDA), on, or off: capture the whole step in a CUDA graph."""
+    resume: bool = False
+    """Continue the run in --out from its last checkpoint."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    # Settings that may change between a run and its resumption.
+    RESUMABLE = ("resume", "progress")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.stream not in STREAMS:
+            problems.append(f"unknown stream {self.stream!r} (expected one of {STREAMS})")
+        if self.arch not in REGISTRY:
+            problems.append(f"unknown architecture {self.arch!r} (expected one of "
+                            f"{sorted(REGISTRY)})")
+        if self.cuda_graph not in CUDA_GRAPH:
+            problems.append(f"--cuda-graph must be one of {CUDA_GRAPH}, got {self.cuda_graph!r}")
+        for name in ("batch_size", "expansion", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1")
+        if self.checkpoint_every % self.log_every:
+            problems.append(f"--checkpoint-every ({self.checkpoint_every}) must be a multiple of "
+                            f"--log-every ({self.log_every})")
+        if self.tokens is not None and self.steps is not None:
+            problems.append("give --tokens or --steps, not both")
+        if self.tokens is not None and self.tokens < self.batch_size:
+            problems.append(f"--tokens {self.tokens} is below one batch ({self.batch_size})")
+        if self.steps is not None and self.steps < 1:
+            problems.append("--steps must be at least 1")
+        if self.lr <= 0 or self.l1 < 0 or self.grad_clip < 0:
+            problems.append("--lr must be positive, --l1 and --grad-clip non-negative")
+        if not 0.0 <= self.lr_decay_fraction <= 1.0 or not 0.0 <= self.mix_fraction <= 1.0:
+            problems.append("--lr-decay-fraction and --mix-fraction must be in [0, 1]")
+        if problems:
+            raise PipelineError("; ".join(problems) + ".")
+
+    def sae_config(self, d_in: int) -> SAEConfig:
+        """The SAE's own settings, with d_sae resolved."""
+        d_sae = self.d_sae if self.d_sae is not None else self.expansion * d_in
+        shared = {k: getattr(self, k) for k in _SAE if hasattr(self, k)
+                  and k not in ("arch", "d_in", "d_sae")}
+        try:
+            return SAEConfig(arch=self.arch, d_in=d_in, d_sae=d_sae, **shared)
+        except ValueError as e:
+            raise PipelineError(str(e)) from e
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict:
+        """The settings that must match for --resume."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE}

@@ -1,0 +1,172 @@
+"""The training step on static buffers: forward, loss, backward, clipping, Adam, decoder
+renormalisation and metric accumulation, with no host sync. On CUDA it is captured once in a CUDA
+graph and replayed; elsewhere (or with --cuda-graph off) the same function runs eagerly."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.sae import SAE
+
+# Metric sums accumulated on the device between two log points.
+SUMS = ("loss", "mse", "fve", "l0", "steps", "nonfinite")
+
+
+def make_optimizer(sae: SAE, lr: float, betas: tuple[float, float], device: torch.device,
+                   ) -> tuple[torch.optim.Adam, torch.Tensor]:
+    """Adam whose learning rate is a device tensor (the schedule writes it inside the step).
+
+    CUDA: fused and capturable (its state stays on the device, so the graph can replay it).
+    CPU: the single-tensor implementation, which takes a tensor lr."""
+    lr_t = torch.tensor(lr, dtype=torch.float32, device=device)
+    if device.type == "cuda":
+        opt = torch.optim.Adam(sae.parameters(), lr=lr_t, betas=betas, fused=True,
+                               capturable=True)
+    else:
+        opt = torch.optim.Adam(sae.parameters(), lr=lr_t, betas=betas, foreach=False)
+    return opt, lr_t
+
+
+class TrainStep:
+    """One step of SAE training as a fixed-shape function of static buffers.
+
+    `x` is the static input: copy each raw batch into it (`load`), then `run()`. The learning rate
+    and the l1 warm-up factor are computed on the device from the step counter `step_t`, and the
+    metric sums live in `sums`, so nothing in a step waits for the host.
+    """
+
+    def __init__(self, sae: SAE, batch_size: int, d_in: int, scale: float, total_steps: int,
+                 lr: float, betas: tuple[float, float] = (0.9, 0.999), grad_clip: float = 1.0,
+                 lr_warmup_steps: int = 0, lr_decay_fraction: float = 0.0,
+                 l1_warmup_steps: int = 0, history: int = 50, use_graph: bool = False):
+        self.sae = sae
+        self.device = next(sae.parameters()).device
+        dev = self.device
+        self.x = torch.zeros(batch_size, d_in, device=dev)
+        self.scale = torch.tensor(scale, dtype=torch.float32, device=dev)
+        self.opt, self.lr_t = make_optimizer(sae, lr, betas, dev)
+        self.base_lr, self.grad_clip = lr, grad_clip
+        self.total_steps, self.lr_warmup, self.lr_decay = total_steps, lr_warmup_steps, \
+            lr_decay_fraction
+        self.l1_warmup = l1_warmup_steps
+        self.step_t = torch.zeros((), dtype=torch.int64, device=dev)
+        self.sums = {name: torch.zeros((), dtype=torch.float32, device=dev) for name in SUMS}
+        self.history = torch.zeros(history, dtype=torch.float32, device=dev)
+        self.use_graph = use_graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_steps = 0  # steps run eagerly before the capture (CUDA warm-up)
+
+    # -- the step itself ------------------------------------------------------------------------
+    def _schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.step_t.to(torch.float32)
+        warm = torch.clamp((s + 1) / max(self.lr_warmup, 1), max=1.0)
+        decay_steps = max(self.lr_decay * self.total_steps, 1.0)
+        decay = torch.clamp((self.total_steps - s) / decay_steps, min=0.0, max=1.0)
+        l1_scale = torch.clamp((s + 1) / max(self.l1_warmup, 1), max=1.0)
+        return self.base_lr * warm * decay, l1_scale
+
+    def _step(self) -> None:
+        lr, l1_scale = self._schedule()
+        self.lr_t.copy_(lr)
+        x = self.x * self.scale
+        loss, _parts, x_hat, z = self.sae.loss(x, l1_scale)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.grad_clip)
+        self.opt.step()
+        self.sae.normalize_decoder()
+        with torch.no_grad():
+            err = (x - x_hat).pow(2).sum()
+            var = (x - x.mean(0)).pow(2).sum()
+            mse = (x - x_hat).pow(2).mean()
+            s = self.sums
+            s["loss"].add_(loss.detach())
+            s["mse"].add_(mse)
+            s["fve"].add_(1 - err / var.clamp_min(1e-12))
+            s["l0"].add_((z != 0).sum(-1).float().mean())
+            s["steps"].add_(1)
+            s["nonfinite"].add_((~torch.isfinite(loss.detach())).float())
+            idx = torch.remainder(self.step_t, self.history.numel()).view(1)
+            self.history.index_copy_(0, idx, mse.view(1))
+            self.step_t.add_(1)
+
+    # -- running it -----------------------------------------------------------------------------
+    def load(self, batch: torch.Tensor) -> None:
+        """Copy a raw batch into the static input (asynchronous on CUDA)."""
+        self.x.copy_(batch, non_blocking=True)
+
+    def run(self) -> None:
+        """One training step on the current static input."""
+        if not self.use_graph:
+            self.opt.zero_grad(set_to_none=True)
+            self._step()
+            return
+        if self.graph is None:
+            self._warm_up_or_capture()
+            return
+        self.graph.replay()
+
+    def _warm_up_or_capture(self, warmup: int = 3) -> None:
+        """The first steps run eagerly on a side stream (lazy state, cuBLAS workspaces), then the
+        step is captured once; capturing executes nothing, so the captured step is replayed."""
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.opt.zero_grad(set_to_none=True)
+            if self.eager_steps < warmup:
+                self._step()
+                self.eager_steps += 1
+            else:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self.graph is not None:
+            self.graph.replay()
+
+    def take_sums(self) -> dict[str, float]:
+        """Host copy of the metric sums since the last call, then reset them (one sync)."""
+        values = torch.stack([self.sums[n] for n in SUMS]).tolist()
+        for t in self.sums.values():
+            t.zero_()
+        return dict(zip(SUMS, values, strict=True))
+
+    def current_lr(self) -> float:
+        return float(self.lr_t)
+
+    # -- state for checkpoints ------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything a resumed run needs besides the SAE: optimizer, counters, sums, history."""
+        out = {"step": self.step_t, "history": self.history, "lr": self.lr_t}
+        out.update({f"sums.{k}": v for k, v in self.sums.items()})
+        names = {id(p): n for n, p in self.sae.named_parameters()}
+        for p, st in self.opt.state.items():
+            for key, value in st.items():
+                out[f"adam.{names[id(p)]}.{key}"] = value
+        return out
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what state_tensors saved, in place (the CUDA graph's buffers stay valid)."""
+        self.step_t.copy_(tensors["step"])
+        self.history.copy_(tensors["history"])
+        self.lr_t.copy_(tensors["lr"])
+        for k, v in self.sums.items():
+            v.copy_(tensors[f"sums.{k}"])
+        for name, p in self.sae.named_parameters():
+            keys = [k for k in tensors if k.startswith(f"adam.{name}.")]
+            if not keys:
+                continue
+            state = self.opt.state[p]
+            for k in keys:
+                key = k[len(f"adam.{name}."):]
+                value = tensors[k].to(self.device if key != "step" or self._state_on_device()
+                                      else "cpu")
+                if key in state:
+                    state[key].copy_(value)
+                else:
+                    state[key] = value.clone()
+
+    def _state_on_device(self) -> bool:
+        group = self.opt.param_groups[0]
+        return bool(group.get("capturable") or group.get("fused"))

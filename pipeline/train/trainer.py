@@ -1,0 +1,239 @@
+"""`pipeline train`: an SAE on one layer and stream of a cache, with checkpoints, resume, metrics,
+a plot, and the result saved in the SAELens folder format."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cache_schema import open_cache
+from pipeline.data import ActivationLoader
+from pipeline.devices import resolve_device
+from pipeline.errors import PipelineError
+from pipeline.sae import SAE, build_sae
+from pipeline.sae.io import save_saelens
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.config import TrainConfig
+from pipeline.train.metrics import MetricsLog, plot_training
+from pipeline.train.step import TrainStep
+
+CONFIG_FILE = "train_config.json"
+SUMMARY_FILE = "summary.json"
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path | None:
+    """Create the run folder, or check that it holds this run; returns the checkpoint to resume."""
+    run_dir = Path(cfg.out)
+    saved = run_dir / CONFIG_FILE
+    if saved.is_file():
+        old = json.loads(saved.read_text())
+        if not cfg.resume:
+            raise PipelineError(f"run folder {run_dir} already holds a run: pass --resume to "
+                                "continue it, or choose another --out")
+        mine = cfg.identity()
+        changed = sorted(k for k in mine if old.get(k) != mine[k])
+        if changed:
+            raise PipelineError(f"cannot resume {run_dir}: settings differ from the saved run in "
+                                f"{', '.join(changed)}; use the original settings or another --out")
+        checkpoints = ckpt.list_checkpoints(run_dir)
+        return checkpoints[-1] if checkpoints else None
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise PipelineError(f"--out {run_dir} exists and is not a run folder of ours; "
+                            "choose another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(cfg.identity(), indent=1))
+    except OSError as e:
+        raise PipelineError(f"cannot write the run folder {run_dir}: {e.strerror or e}") from e
+    return None
+
+
+def resolve_layer(cfg: TrainConfig, layers: list[int]) -> int:
+    layer = layers[0] if cfg.layer is None else cfg.layer
+    if layer not in layers:
+        raise PipelineError(f"layer {layer} is not in the cache {cfg.cache}, which holds layers "
+                            f"{layers}: pass one of those with --layer")
+    return layer
+
+
+def use_cuda_graph(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.cuda_graph == "on" and device.type != "cuda":
+        raise PipelineError("--cuda-graph on needs a CUDA device; use --cuda-graph auto or off")
+    return device.type == "cuda" and cfg.cuda_graph != "off"
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or resume) one SAE; returns the summary also written to summary.json."""
+    manifest = open_cache(cfg.cache)
+    layer = resolve_layer(cfg, manifest.layers)
+    device = torch.device(resolve_device(cfg.device))
+    resume_from = prepare_run_dir(cfg)
+    run_dir = Path(cfg.out)
+    start = 0
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict = {}
+    if resume_from is not None:
+        tensors, meta = ckpt.load_checkpoint(resume_from)
+        start = int(meta["step"])
+        if meta.get("cache_id") != manifest.cache_id:
+            raise PipelineError(
+                f"cannot resume {run_dir}: it was trained on cache {meta.get('cache_id')}, but "
+                f"{cfg.cache} now holds cache {manifest.cache_id}; use another --out")
+        print(f"resuming {run_dir} from step {start} ({resume_from.name})", file=sys.stderr)
+
+    loader = ActivationLoader(
+        cfg.cache, layer, stream=cfg.stream, batch_size=cfg.batch_size, seed=cfg.seed,
+        start_step=start, window_chunks=cfg.window_chunks, device=device,
+        keep_special=cfg.keep_special, holdout_chunks=cfg.holdout_chunks,
+        mix_fraction=cfg.mix_fraction)
+    try:
+        return _train(cfg, manifest, layer, device, run_dir, loader, start, tensors, meta)
+    finally:
+        loader.close()
+
+
+def _total_steps(cfg: TrainConfig, loader: ActivationLoader) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    tokens = cfg.tokens if cfg.tokens is not None else loader.rows_per_epoch
+    return max(tokens // cfg.batch_size, 1)
+
+
+def _train(cfg, manifest, layer, device, run_dir, loader, start, tensors, meta) -> dict:
+    total = _total_steps(cfg, loader)
+    scale = loader.norm_scale if cfg.normalize else 1.0
+    sae = build_sae(cfg.sae_config(manifest.d_model),
+                    generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    step = TrainStep(sae, cfg.batch_size, manifest.d_model, scale, total, cfg.lr,
+                     (cfg.beta1, cfg.beta2), cfg.grad_clip, cfg.lr_warmup_steps,
+                     cfg.lr_decay_fraction, cfg.l1_warmup_steps, history=cfg.log_every,
+                     use_graph=use_cuda_graph(cfg, device))
+    if tensors:
+        try:
+            sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        except RuntimeError as e:
+            raise PipelineError(f"the checkpoint does not fit this SAE (d_model "
+                                f"{manifest.d_model}, d_sae {sae.cfg.d_sae}): {e}") from e
+        step.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("train.")})
+        ckpt.set_rng_state(tensors)
+    metrics = MetricsLog(run_dir, truncate_at=meta.get("metrics_offset", 0 if not start else None))
+    bar = tqdm(total=total, initial=start, unit="step", desc=f"train {cfg.arch}",
+               disable=not cfg.progress, file=sys.stderr, smoothing=0.05)
+    t0, last_log = time.perf_counter(), start
+    try:
+        for s in range(start, total):
+            batch = next(loader)
+            if s == 0:
+                _init_b_dec(sae, batch, scale)
+            step.load(batch)
+            step.run()
+            sae.refresh(s + 1)
+            bar.update(1)
+            done = s + 1
+            if done % cfg.log_every and done != total:
+                continue
+            row = _log_row(step, sae, done, cfg.batch_size, t0, last_log)
+            t0, last_log = time.perf_counter(), done
+            if row["nonfinite_steps"]:
+                last = ckpt.list_checkpoints(run_dir)
+                raise PipelineError(
+                    f"the loss became NaN or infinite between steps {done - row['steps']} and "
+                    f"{done}; stopped. Last good checkpoint: "
+                    f"{last[-1] if last else 'none yet'}. Lower --lr or check the cache "
+                    "(`pipeline verify`)")
+            metrics.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.4g}", L0=f"{row['l0']:.1f}",
+                            dead=f"{100 * row['dead_fraction']:.1f}%",
+                            tok_s=f"{row['tokens_per_s']:.3g}")
+            if done % cfg.checkpoint_every == 0 or done == total:
+                _save(run_dir, step, sae, done, metrics.offset(), manifest, cfg)
+    finally:
+        bar.close()
+        metrics.close()
+    return _finish(cfg, run_dir, sae, scale, manifest, layer, loader, total)
+
+
+@torch.no_grad()
+def _init_b_dec(sae: SAE, batch: torch.Tensor, scale: float) -> None:
+    """Start the decoder bias at the mean of the first batch (in the scaled space)."""
+    sae.b_dec.copy_(batch.mean(0) * scale)
+
+
+def _log_row(step: TrainStep, sae: SAE, done: int, batch_size: int, t0: float,
+             last: int) -> dict:
+    sums = step.take_sums()
+    n = max(int(sums["steps"]), 1)
+    dt = time.perf_counter() - t0
+    h = step.history.numel()
+    order = [(done - n + i) % h for i in range(n)]
+    with torch.no_grad():
+        norms = sae.W_dec.norm(dim=1)
+        extra = torch.stack([sae.dead_mask().float().mean(), sae.mask_density().float(),
+                             norms.min(), norms.mean()]).tolist()
+    return {
+        "step": done, "tokens": done * batch_size, "loss": sums["loss"] / n,
+        "mse": sums["mse"] / n, "fve": sums["fve"] / n, "l0": sums["l0"] / n,
+        "dead_fraction": extra[0], "mask_density": extra[1], "dec_norm_min": extra[2],
+        "dec_norm_mean": extra[3], "lr": step.current_lr(), "steps": n,
+        "nonfinite_steps": int(sums["nonfinite"]),
+        "steps_per_s": (done - last) / dt if dt > 0 else None,
+        "tokens_per_s": (done - last) * batch_size / dt if dt > 0 else 0.0,
+        "step_mse": step.history[order].tolist(),
+    }
+
+
+def _save(run_dir: Path, step: TrainStep, sae: SAE, done: int, metrics_offset: int,
+          manifest, cfg: TrainConfig) -> None:
+    tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
+    tensors.update({f"train.{k}": v for k, v in step.state_tensors().items()})
+    tensors.update(ckpt.rng_state())
+    ckpt.save_checkpoint(run_dir, done, tensors, {
+        "metrics_offset": metrics_offset, "cache_id": manifest.cache_id,
+        "arch": cfg.arch, "loader_step": done})
+
+
+def _finish(cfg: TrainConfig, run_dir: Path, sae: SAE, scale: float, manifest, layer: int,
+            loader: ActivationLoader, total: int) -> dict:
+    metadata = {
+        "hook_name": f"blocks.{layer}.hook_resid_post", "model_name": manifest.model_name,
+        "context_size": manifest.context_length, "cache_id": manifest.cache_id,
+        "stream": cfg.stream, "training_tokens": total * cfg.batch_size,
+        "norm_scale": scale, "train_config": cfg.identity(),
+    }
+    hashes = save_saelens(run_dir, sae.cpu(), scale, metadata)
+    ckpt.audit(run_dir, total, [run_dir / name for name in hashes])
+    plot = plot_training(run_dir)
+    summary = {"run": str(run_dir), "steps": total, "tokens": total * cfg.batch_size,
+               "arch": cfg.arch, "d_sae": sae.cfg.d_sae, "layer": layer, "stream": cfg.stream,
+               "cache_id": manifest.cache_id, "norm_scale": scale, "files": hashes,
+               "plot": str(plot) if plot else None}
+    if cfg.holdout_chunks:
+        summary["holdout"] = evaluate_holdout(sae, loader, scale)
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+@torch.no_grad()
+def evaluate_holdout(sae: SAE, loader: ActivationLoader, scale: float) -> dict:
+    """MSE, fraction of variance explained and L0 of the trained SAE on the held-out chunks."""
+    err = l0 = 0.0
+    n = 0
+    sum_x = sum_x2 = None
+    for x in loader.holdout():
+        x = x.cpu() * scale
+        z = sae.encode(x)
+        err += float((x - sae.decode(z)).pow(2).sum())
+        l0 += float((z != 0).sum())
+        sum_x = x.sum(0) if sum_x is None else sum_x + x.sum(0)
+        sum_x2 = x.pow(2).sum(0) if sum_x2 is None else sum_x2 + x.pow(2).sum(0)
+        n += x.shape[0]
+    if not n:
+        return {}
+    var = float((sum_x2 - sum_x.pow(2) / n).sum())
+    d = sum_x.numel()
+    return {"tokens": n, "mse": err / (n * d), "fve": 1 - err / var, "l0": l0 / n}

@@ -1,0 +1,223 @@
+"""Benchmark the training step. Prints one JSON object on stdout (progress on stderr).
+
+In one run, on the same cache:
+  (a) our step fed by the real loader vs the same step on a batch already in memory
+      (target >= 0.9: the loader is never the bottleneck);
+  (b) our step vs a straightforward eager loop in the style of the source article (its MaskedSAE,
+      a torch DataLoader over the same rows, loss.item() every step);
+  (c) on CUDA only: CUDA graph vs eager at d_in 4096, d_sae 32768, batch 4096, steps/s, and the
+      fraction of the matmul peak measured in the same run.
+
+    python scripts/bench_train.py [--cache DIR] [--batch-size 1024] [--expansion 4] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.data import ActivationLoader
+from pipeline.data.synthetic import write_synthetic_cache
+from pipeline.sae import SAEConfig, build_sae
+from pipeline.train.step import TrainStep
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(fn, steps: int, device: torch.device, warmup: int = 3) -> float:
+    """Steps per second of fn() after a warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return steps / (time.perf_counter() - t)
+
+
+def our_step(d_in: int, d_sae: int, batch: int, device: torch.device, graph: bool,
+             arch: str = "masked") -> TrainStep:
+    sae = build_sae(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae),
+                    generator=torch.Generator().manual_seed(0)).to(device)
+    return TrainStep(sae, batch, d_in, 1.0, total_steps=10**6, lr=2e-4, lr_warmup_steps=10,
+                     use_graph=graph)
+
+
+class ArticleMaskedSAE(nn.Module):
+    """The source article's MaskedSAE and loss, as published (the baseline, defects included)."""
+
+    def __init__(self, d_model: int, d_sae: int):
+        super().__init__()
+        self.W_enc = nn.Parameter(torch.empty(d_model, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_model))
+        self.b_dec = nn.Parameter(torch.zeros(d_model))
+        nn.init.kaiming_uniform_(self.W_enc)
+        nn.init.kaiming_uniform_(self.W_dec)
+        self.register_buffer("absorption_mask", torch.zeros(d_sae))
+        self.register_buffer("running_mean_activation", torch.ones(d_sae))
+        self.register_forward_hook(self._stats)
+
+    def _stats(self, module, inputs, output):
+        z = output[0]
+        self.running_mean_activation = 0.99 * self.running_mean_activation + \
+            0.01 * z.abs().mean(dim=0).detach()
+
+    def forward(self, x):
+        z = torch.relu(x @ self.W_enc + self.b_enc)
+        return z @ self.W_dec + self.b_dec, z
+
+    def compute_loss(self, x, x_hat, z):
+        dec = self.W_dec.norm(dim=1)
+        return ((x - x_hat) ** 2).mean() + 1e-3 * z.abs().mean() + \
+            5e-4 * (self.absorption_mask * dec).mean()
+
+
+def article_loop(rows: torch.Tensor, d_sae: int, batch: int, steps: int,
+                 device: torch.device) -> float:
+    """Steps/s of the article's training loop over a shuffling DataLoader of the same rows."""
+    model = ArticleMaskedSAE(rows.shape[1], d_sae).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4)
+    data = torch.utils.data.DataLoader(rows, batch_size=batch, shuffle=True, drop_last=True,
+                                       pin_memory=device.type == "cuda")
+    it = iter(data)
+
+    def one():
+        nonlocal it
+        try:
+            b = next(it)
+        except StopIteration:
+            it = iter(data)
+            b = next(it)
+        x = b.to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        x_hat, z = model(x)
+        loss = model.compute_loss(x, x_hat, z)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+        opt.step()
+        with torch.no_grad():
+            model.W_dec.data = nn.functional.normalize(model.W_dec.data, dim=1)
+        loss.item()
+
+    return time_steps(one, steps, device)
+
+
+def matmul_peak(device: torch.device, n: int = 8192, reps: int = 20) -> float:
+    """FLOP/s of a large float32 matmul (TF32 allowed as in training) on this device."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def gpu_section(steps: int) -> dict:
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    d_in, d_sae, batch = 4096, 32768, 4096
+    out = {"shape": {"d_in": d_in, "d_sae": d_sae, "batch": batch}}
+    x = torch.randn(batch, d_in, device=device)
+    for graph in (False, True):
+        step = our_step(d_in, d_sae, batch, device, graph)
+        step.load(x)
+        out["graph_steps_per_s" if graph else "eager_steps_per_s"] = time_steps(
+            step.run, steps, device, warmup=5)
+        del step
+        torch.cuda.empty_cache()
+    out["graph_vs_eager"] = out["graph_steps_per_s"] / out["eager_steps_per_s"]
+    step_flop = 12 * batch * d_in * d_sae  # fwd 2 matmuls + bwd 4 matmuls, 2 FLOP per MAC
+    peak = matmul_peak(device)
+    out["matmul_peak_tflops"] = peak / 1e12
+    out["graph_tflops"] = step_flop * out["graph_steps_per_s"] / 1e12
+    out["fraction_of_matmul_peak"] = out["graph_tflops"] * 1e12 / peak
+    out["article_a100_steps_per_s"] = 4.8
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cache", type=Path, default=None)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--expansion", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    tmp = tempfile.TemporaryDirectory(prefix="bench_train_")
+    cache = args.cache
+    if cache is None:
+        cache = Path(tmp.name) / "cache"
+        log(f"writing a synthetic cache (d_model 576) to {cache}")
+        write_synthetic_cache(cache, n_chunks=16, rows_per_chunk=8192, d_model=576,
+                              context_length=128, seed=0, index_column=False)
+    graph = device.type == "cuda"
+    result: dict = {"device": str(device), "torch_threads": torch.get_num_threads(),
+                    "batch_size": args.batch_size, "steps": args.steps}
+    with ActivationLoader(cache, layer=_first_layer(cache),
+                          batch_size=args.batch_size, device=device, seed=0) as loader:
+        d_in = loader.d_model
+        d_sae = args.expansion * d_in
+        result.update(d_in=d_in, d_sae=d_sae)
+
+        log("(a) our step: real loader vs a batch in memory")
+        step = our_step(d_in, d_sae, args.batch_size, device, graph)
+        fixed = next(loader).clone()
+
+        def in_memory():
+            step.load(fixed)
+            step.run()
+
+        def with_loader():
+            step.load(next(loader))
+            step.run()
+
+        result["in_memory_steps_per_s"] = time_steps(in_memory, args.steps, device)
+        result["loader_steps_per_s"] = time_steps(with_loader, args.steps, device)
+        result["loader_vs_in_memory"] = result["loader_steps_per_s"] / \
+            result["in_memory_steps_per_s"]
+
+        log("(b) the article's eager loop on the same rows")
+        rows = torch.cat([next(loader).cpu() for _ in range(8)])
+    result["article_loop_steps_per_s"] = article_loop(rows, d_sae, args.batch_size, args.steps,
+                                                      device)
+    result["ours_vs_article_loop"] = result["loader_steps_per_s"] / \
+        result["article_loop_steps_per_s"]
+    flop = 12 * args.batch_size * d_in * d_sae
+    result["our_gflops"] = flop * result["loader_steps_per_s"] / 1e9
+    if torch.cuda.is_available():
+        log("(c) CUDA graph vs eager at d_in 4096, d_sae 32768, batch 4096")
+        result["gpu"] = gpu_section(max(args.steps, 20))
+    else:
+        result["gpu"] = "skipped: no CUDA on this machine"
+    print(json.dumps(result, indent=1))
+
+
+def _first_layer(cache: Path) -> int:
+    from cache_schema import open_cache
+
+    return open_cache(cache).layers[0]
+
+
+if __name__ == "__main__":
+    main()
