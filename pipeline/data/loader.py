@@ -33,8 +33,10 @@ class ActivationLoader:
     to batch i reading only the windows it needs. A yielded tensor stays valid until the next
     call to `next()`; copy it (the trainer copies it into its static input at once).
 
-    Host memory: 2 window buffers of window_chunks x rows_per_chunk x d_model x itemsize bytes,
-    plus 4 staging batches of batch_size x d_model x itemsize.
+    Uncompressed caches are memory-mapped chunk by chunk (two windows mapped at a time, in the
+    page cache); batches are gathered from the maps, rows grouped by chunk within a batch.
+    Host memory: 4 staging batches of batch_size x d_model x itemsize bytes, plus for compressed
+    caches 2 window buffers of window_chunks x rows_per_chunk x d_model x itemsize.
     """
 
     def __init__(self, cache: str | Path, layer: int, stream: str = "clean",
@@ -73,9 +75,11 @@ class ActivationLoader:
         self.step = start_step
         self.pin = (self.device.type == "cuda" and torch.cuda.is_available()) if pin is None \
             else pin
-        dtype = _TORCH_STORAGE[m.storage_dtype]
+        dtype = self._dtype = _TORCH_STORAGE[m.storage_dtype]
+        self._mapped = m.codec == "none"
         rows = window_chunks * m.rows_per_chunk
-        self._windows = [self._empty((rows, m.d_model), dtype) for _ in range(2)]
+        self._windows = [] if self._mapped else [self._empty((rows, m.d_model), dtype)
+                                                 for _ in range(2)]
         self._staging = [self._empty((batch_size, m.d_model), dtype) for _ in range(STAGING_SLOTS)]
         self._free: queue.Queue = queue.Queue()
         for i in range(STAGING_SLOTS):
@@ -83,7 +87,8 @@ class ActivationLoader:
         self._ready: queue.Queue = queue.Queue()
         self._held: int | None = None
         self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(n_threads, thread_name_prefix="chunk-read")
+        self._pool = ThreadPoolExecutor(max(n_threads, 1), thread_name_prefix="chunk-read")
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="window-prefetch")
         self._cuda = self.device.type == "cuda"
         if self._cuda:
             self._side = torch.cuda.Stream(self.device)
@@ -132,39 +137,55 @@ class ActivationLoader:
                                 f"its record says {self.plan.counts[k]}; run `pipeline verify`")
         return valid
 
-    def _read_window(self, buf: torch.Tensor, epoch: int, w: int, chunks: list[int]):
-        """Read a window's chunks into buf (in parallel); returns the shuffled row index."""
+    def _read_window(self, slot: int, epoch: int, w: int, chunks: list[int]):
+        """Map (uncompressed) or read (compressed, into window buffer `slot`) a window's chunks
+        in parallel; returns the chunk tensors and the window's shuffled row index."""
         R = self.manifest.rows_per_chunk
-        host = buf.numpy()
 
-        def one(i: int, k: int) -> np.ndarray:
+        def one(i: int, k: int) -> tuple[torch.Tensor, np.ndarray]:
             name = activation_array(self._stream_of(epoch, k), self.hook)
-            self.reader.read(name, k, host[i * R:(i + 1) * R])
-            return self._valid_rows(k) + i * R
+            if self._mapped:
+                t = self.reader.map(name, k, self._dtype)
+            else:
+                t = self._windows[slot][i * R:(i + 1) * R]
+                self.reader.read(name, k, t.numpy())
+            return t, self._valid_rows(k) + i * R
 
         parts = list(self._pool.map(one, range(len(chunks)), chunks))
-        rows = np.concatenate(parts)
-        return torch.from_numpy(rows[window_permutation(self.seed, epoch, w, rows.size)])
+        rows = np.concatenate([p[1] for p in parts])
+        perm = window_permutation(self.seed, epoch, w, rows.size)
+        return [p[0] for p in parts], torch.from_numpy(rows[perm])
 
-    def _windows_from(self, row: int) -> Iterator[tuple[int, torch.Tensor, int]]:
-        """(buffer slot, shuffled row index, first offset) of each window from global `row` on,
-        reading the next window while the caller serves the current one."""
+    def _windows_from(self, row: int):
+        """(chunk tensors, shuffled row index, first offset) of each window from global `row`
+        on, reading the next window while the caller serves the current one."""
         pos = self.plan.locate(row)
         epoch, w, offset = pos.epoch, pos.window, pos.offset
         slot = 0
         windows = self.plan.windows(epoch)
-        future = self._pool.submit(self._read_window, self._windows[slot], epoch, w, windows[w])
+        future = self._prefetch.submit(self._read_window, slot, epoch, w, windows[w])
         while not self._stop.is_set():
-            idx = future.result()
-            cur = slot
+            chunks, idx = future.result()
             w += 1
             if w == len(windows):
                 epoch, w, windows = epoch + 1, 0, self.plan.windows(epoch + 1)
             slot = 1 - slot
-            future = self._pool.submit(self._read_window, self._windows[slot], epoch, w,
-                                       windows[w])
-            yield cur, idx, offset
+            future = self._prefetch.submit(self._read_window, slot, epoch, w, windows[w])
+            yield chunks, idx, offset
             offset = 0
+
+    def _gather(self, chunks: list[torch.Tensor], idx: torch.Tensor, out: torch.Tensor) -> None:
+        """out = the window rows idx, grouped by chunk (one index_select per chunk, so each
+        row is copied once, straight from the page cache when mapped)."""
+        R = self.manifest.rows_per_chunk
+        which = torch.div(idx, R, rounding_mode="floor")
+        order = torch.argsort(which, stable=True)
+        idx = idx[order]
+        pos = 0
+        for i, n in enumerate(torch.bincount(which, minlength=len(chunks)).tolist()):
+            if n:
+                torch.index_select(chunks[i], 0, idx[pos:pos + n] - i * R, out=out[pos:pos + n])
+                pos += n
 
     def _take_slot(self) -> int | None:
         while not self._stop.is_set():
@@ -178,12 +199,11 @@ class ActivationLoader:
         try:
             B = self.batch_size
             slot, filled = self._take_slot(), 0
-            for wslot, idx, offset in self._windows_from(self.step * B):
-                window = self._windows[wslot]
+            for chunks, idx, offset in self._windows_from(self.step * B):
                 while offset < idx.numel() and slot is not None:
                     n = min(B - filled, idx.numel() - offset)
-                    torch.index_select(window, 0, idx[offset:offset + n],
-                                       out=self._staging[slot][filled:filled + n])
+                    self._gather(chunks, idx[offset:offset + n],
+                                 self._staging[slot][filled:filled + n])
                     filled, offset = filled + n, offset + n
                     if filled == B:
                         self._ready.put(slot)
@@ -270,6 +290,7 @@ class ActivationLoader:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        self._prefetch.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> ActivationLoader:
