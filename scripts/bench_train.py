@@ -59,7 +59,8 @@ def our_step(d_in: int, d_sae: int, batch: int, device: torch.device, graph: boo
 
 
 class ArticleMaskedSAE(nn.Module):
-    """The source article's MaskedSAE and loss, as published (the baseline, defects included)."""
+    """The source article's MaskedSAE and loss. As published its hook reads output[0] (x_hat),
+    which crashes whenever d_sae != d_model; here it reads z so that the baseline runs."""
 
     def __init__(self, d_model: int, d_sae: int):
         super().__init__()
@@ -74,7 +75,7 @@ class ArticleMaskedSAE(nn.Module):
         self.register_forward_hook(self._stats)
 
     def _stats(self, module, inputs, output):
-        z = output[0]
+        z = output[1]
         self.running_mean_activation = 0.99 * self.running_mean_activation + \
             0.01 * z.abs().mean(dim=0).detach()
 

@@ -85,7 +85,10 @@ class SAE(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        """W_enc^T (x - b_dec) + b_enc, written as x W_enc - b_dec W_enc + b_enc: the same
+        value, but b_dec's gradient then costs a matrix-vector product, not a fourth
+        batch-sized matmul in the backward pass."""
+        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
