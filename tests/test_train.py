@@ -134,6 +134,19 @@ def test_bad_input_gives_clear_errors(cache, tmp_path):
         train(config(cache, tmp_path / "d", steps=20, lr=5e-4, resume=True))
 
 
+def test_resume_refuses_a_cache_that_changed_under_the_run(tmp_path):
+    import shutil
+
+    root = tmp_path / "cache"
+    write_synthetic_cache(root, n_chunks=2, rows_per_chunk=256, d_model=16, context_length=32)
+    out = tmp_path / "run"
+    train(config(root, out, layer=0, steps=20, batch_size=32))
+    shutil.rmtree(root)
+    write_synthetic_cache(root, n_chunks=2, rows_per_chunk=256, d_model=24, context_length=32)
+    with pytest.raises(PipelineError, match="trained on cache .* now holds cache"):
+        train(config(root, out, layer=0, steps=20, batch_size=32, resume=True))
+
+
 def test_train_refuses_an_incomplete_cache(tmp_path):
     from cache_schema import read_manifest, write_manifest
 
