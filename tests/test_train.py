@@ -143,7 +143,7 @@ def test_resume_refuses_a_cache_that_changed_under_the_run(tmp_path):
     train(config(root, out, layer=0, steps=20, batch_size=32))
     shutil.rmtree(root)
     write_synthetic_cache(root, n_chunks=2, rows_per_chunk=256, d_model=24, context_length=32)
-    with pytest.raises(PipelineError, match="trained on cache .* now holds cache"):
+    with pytest.raises(PipelineError, match=r"trained on cache .* now holds cache"):
         train(config(root, out, layer=0, steps=20, batch_size=32, resume=True))
 
 
