@@ -97,6 +97,29 @@ def verify(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
     typer.echo(f"cache {m.cache_id} ({m.status}): all {m.n_chunks} chunks match their checksums")
 
 
+@app.command("eval")
+@friendly_errors
+def eval_(
+    sae_dir: Path = typer.Argument(..., help="Folder with cfg.json + sae_weights.safetensors."),
+    cache: str | None = typer.Option(None, help="Cache to evaluate on (default: the run's)."),
+    holdout_chunks: int | None = typer.Option(
+        None, help="Evaluate on the cache's last N chunks (default: the run's held-out chunks)."),
+    stream: str = typer.Option("clean", help="clean or masked activations."),
+    ce_sequences: int = typer.Option(16, help="Held-out sequences for the spliced cross-entropy "
+                                     "(0 skips it and does not load the model)."),
+    model: str | None = typer.Option(None, help="The model that made the cache, if it cannot be "
+                                     "found from the manifest."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Evaluate a saved SAE: MSE, FVE, L0, dead/dense latents, spliced CE (writes eval.json)."""
+    from pipeline.eval.run import evaluate
+
+    result = evaluate(sae_dir, cache, holdout_chunks, stream, ce_sequences, model, device,
+                      progress)
+    typer.echo(json.dumps(result, indent=1))
+
+
 def _train(cfg) -> None:
     """Train a sparse autoencoder on one layer and stream of a cache (SAELens folder format out)."""
     from pipeline.train.trainer import train as run_train

@@ -98,7 +98,6 @@ class ActivationLoader:
             self._dev_i = 0
             self._pending: list[tuple[int, torch.cuda.Event]] = []
         self._thread = threading.Thread(target=self._assemble, name="batch-assembly", daemon=True)
-        self._thread.start()
 
     # -- setup ----------------------------------------------------------------------------------
     def _empty(self, shape, dtype) -> torch.Tensor:
@@ -217,6 +216,8 @@ class ActivationLoader:
         return self
 
     def __next__(self) -> torch.Tensor:
+        if self._thread.ident is None:  # started on first use: holdout-only users read nothing
+            self._thread.start()
         if self._held is not None:
             self._release(self._held)
             self._held = None

@@ -1,0 +1,1 @@
+"""Evaluation and audit of trained SAEs."""

@@ -1,0 +1,116 @@
+"""`pipeline eval SAE_DIR`: reconstruction metrics on held-out cache chunks and the cross-entropy
+cost of splicing the SAE into the model, written to SAE_DIR/eval.json."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from cache_schema import Manifest, open_cache
+from pipeline.data import ActivationLoader
+from pipeline.data.reader import ChunkReader
+from pipeline.devices import resolve_device
+from pipeline.errors import PipelineError
+from pipeline.eval.recon import reconstruction_metrics
+from pipeline.eval.splice import spliced_ce
+from pipeline.extract import model as models
+from pipeline.sae.io import load_saelens
+
+EVAL_FILE, FREQ_FILE = "eval.json", "latent_freq.safetensors"
+
+
+def _run_config(sae_dir: Path) -> dict:
+    path = sae_dir / "train_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _layer_of(hook: str) -> int:
+    match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook or "")
+    if not match:
+        raise PipelineError(f"the SAE's hook {hook!r} is not a blocks.L.hook_resid_post hook")
+    return int(match.group(1))
+
+
+def check_sae_fits_cache(cfg: dict, m: Manifest, cache: str) -> int:
+    """The SAE's layer, after checking that its hook and width match the cache."""
+    hook = cfg.get("metadata", {}).get("hook_name")
+    layer = _layer_of(hook)
+    if hook not in m.hooks:
+        raise PipelineError(f"the SAE reads {hook}, but cache {cache} holds {', '.join(m.hooks)}: "
+                            "pass the cache it was trained on with --cache")
+    if cfg["d_in"] != m.d_model:
+        raise PipelineError(f"the SAE's d_in is {cfg['d_in']}, but cache {cache} has d_model "
+                            f"{m.d_model}: they come from different models")
+    return layer
+
+
+def load_model_of(m: Manifest, model: str | None, device: str):
+    """The full causal LM that made the cache (checked by fingerprint)."""
+    from transformers import AutoModelForCausalLM
+
+    name = model or ("default" if m.model_name == models.DEFAULT_NAME else m.model_name)
+    try:
+        src = models.resolve_model(name, m.model_revision)
+    except PipelineError as e:
+        raise PipelineError(f"cannot find the model that made this cache ({m.model_name}): {e}; "
+                            "pass it with --model") from e
+    if src.fingerprint != m.model_fingerprint:
+        raise PipelineError(f"model {name} is not the one that made this cache (fingerprint "
+                            f"{src.fingerprint[:12]} vs {m.model_fingerprint[:12]}); pass the "
+                            "right one with --model")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    kwargs = {"dtype": dtype, "revision": src.revision}
+    if device != "cpu":
+        kwargs["device_map"] = {"": device}
+    return AutoModelForCausalLM.from_pretrained(src.path, **kwargs).eval()
+
+
+def holdout_sequences(cache: str, m: Manifest, chunks: list[int], n: int) -> np.ndarray:
+    reader = ChunkReader(cache, m)
+    seqs = [reader.tokens(k).reshape(-1, m.context_length) for k in chunks]
+    return np.concatenate(seqs)[:n]
+
+
+def evaluate(sae_dir: str | Path, cache: str | None = None, holdout_chunks: int | None = None,
+             stream: str = "clean", ce_sequences: int = 16, model: str | None = None,
+             device: str = "auto", progress: bool = True) -> dict:
+    """Evaluate a saved SAE; writes eval.json (and latent frequencies) into its folder."""
+    sae_dir = Path(sae_dir)
+    sae = load_saelens(sae_dir)
+    run = _run_config(sae_dir)
+    cache = cache or run.get("cache")
+    if not cache:
+        raise PipelineError(f"{sae_dir} does not say which cache it was trained on: pass --cache")
+    m = open_cache(cache)
+    layer = check_sae_fits_cache(sae.cfg, m, cache)
+    if holdout_chunks is None:
+        holdout_chunks = run.get("holdout_chunks") or 1
+        if not run.get("holdout_chunks"):
+            print(f"warning: {sae_dir} was trained without held-out chunks; evaluating on the "
+                  "cache's last chunk, which it may have seen", file=sys.stderr)
+    dev = resolve_device(device)
+    with ActivationLoader(cache, layer, stream=stream, holdout_chunks=holdout_chunks,
+                          device=dev) as loader:
+        chunks = loader.holdout_chunk_ids
+        metrics, freq = reconstruction_metrics(sae.to(dev), loader.holdout())
+    result = {"sae": str(sae_dir), "cache": str(cache), "cache_id": m.cache_id,
+              "hook": sae.cfg["metadata"]["hook_name"], "stream": stream,
+              "holdout_chunks": chunks, **metrics}
+    if ce_sequences > 0:
+        tokens = holdout_sequences(cache, m, chunks, ce_sequences)
+        lm = load_model_of(m, model, dev)
+        bar = tqdm(total=len(tokens), unit="seq", desc="spliced CE", disable=not progress,
+                   file=sys.stderr)
+        result.update(spliced_ce(lm, layer, sae, tokens, m.special_token_ids,
+                                 progress=bar.update))
+        bar.close()
+    (sae_dir / EVAL_FILE).write_text(json.dumps(result, indent=1))
+    save_file({"freq": freq.cpu()}, str(sae_dir / FREQ_FILE))
+    return result
