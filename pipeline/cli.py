@@ -120,6 +120,22 @@ def eval_(
     typer.echo(json.dumps(result, indent=1))
 
 
+@app.command()
+@friendly_errors
+def audit(run_dir: Path = typer.Argument(..., help="Run folder of `pipeline train`.")) -> None:
+    """The article's checklist from a run's files: audit.json, audit.md, plots; exit 1 on a fail."""
+    from pipeline.eval.audit import run_audit
+
+    report = run_audit(run_dir)
+    for c in report["checks"]:
+        value = "" if c["value"] is None else c["value"]
+        typer.echo(f"{c['status']:>7}  {c['check']:<32} {value!s:<24} {c['detail']}")
+    typer.echo(f"report: {run_dir}/audit.md")
+    if report["failed"]:
+        typer.echo(f"audit failed: {', '.join(report['failed'])}", err=True)
+        raise typer.Exit(1)
+
+
 def _train(cfg) -> None:
     """Train a sparse autoencoder on one layer and stream of a cache (SAELens folder format out)."""
     from pipeline.train.trainer import train as run_train

@@ -1,0 +1,174 @@
+"""`pipeline audit RUN_DIR`: the source article's checklist, computed from the run's own files.
+
+Checks (METHOD.md): dead latents > 5% of d_sae; the 500-step rolling variance of the
+reconstruction loss up > 5% from its post-convergence baseline (taken at the half-way step);
+l1 coefficient above 1e-3 (l1-trained architectures); min decoder row norm < 0.1; mask density
+> 10% (masked); every file in audit.log still matching its SHA-256 and the weights in
+safetensors. The downstream false-positive-rate change needs a probing task and is reported as
+not computed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from pipeline.errors import PipelineError
+from pipeline.eval.run import EVAL_FILE, FREQ_FILE
+from pipeline.sae.io import WEIGHTS
+from pipeline.train.checkpoint import AUDIT_LOG, STATE_FILE, list_checkpoints, sha256_file
+from pipeline.train.metrics import per_step_mse, read_metrics, rolling_variance
+
+L1_ARCHS = ("relu", "masked", "gated")
+WINDOW = 500
+
+
+def _check(name: str, value, threshold, failed: bool | None, detail: str) -> dict:
+    status = "skipped" if failed is None else ("fail" if failed else "pass")
+    return {"check": name, "value": value, "threshold": threshold, "status": status,
+            "detail": detail}
+
+
+def verify_audit_log(run_dir: Path) -> list[str]:
+    """Files whose bytes no longer match the last SHA-256 the audit log recorded for them."""
+    path = run_dir / AUDIT_LOG
+    if not path.is_file():
+        raise PipelineError(f"{run_dir} has no {AUDIT_LOG}: not a run folder of `pipeline train`")
+    last: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        last[entry["file"]] = entry["sha256"]
+    if WEIGHTS not in last:
+        raise PipelineError(f"{run_dir}/{WEIGHTS} is not in the audit log: the run did not finish")
+    bad = []
+    for name, digest in sorted(last.items()):
+        file = run_dir / name
+        if file.is_file() and sha256_file(file) != digest:
+            bad.append(f"{name}: SHA-256 {sha256_file(file)[:16]}... does not match the audit "
+                       f"log's {digest[:16]}...")
+        elif not file.is_file() and not name.startswith("checkpoints/"):
+            bad.append(f"{name}: missing (logged in {AUDIT_LOG})")
+    return bad
+
+
+def loss_variance_check(rows: list[dict]) -> tuple[dict, np.ndarray, np.ndarray, int]:
+    steps, mse = per_step_mse(rows)
+    window = min(WINDOW, max(len(mse) // 4, 2))
+    rv = rolling_variance(mse, window)
+    half, end = len(rv) // 2, len(rv) - 1
+    if len(rv) < 2 * window or not np.isfinite(rv[half]) or rv[half] <= 0:
+        return (_check("loss_variance_increase", None, 0.05, None,
+                       f"needs at least {2 * window} logged steps"), steps, rv, window)
+    change = float(rv[end] / rv[half] - 1.0)
+    return (_check("loss_variance_increase", change, 0.05, change > 0.05,
+                   f"{window}-step rolling variance of the MSE: {rv[half]:.3g} at step "
+                   f"{steps[half]} (baseline) -> {rv[end]:.3g} at step {steps[end]}"),
+            steps, rv, window)
+
+
+def run_audit(run_dir: str | Path) -> dict:
+    """Compute the checklist; write audit.json, audit.md and the plots; return the report."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "train_config.json"
+    if not config_path.is_file():
+        raise PipelineError(f"{run_dir} has no train_config.json: not a run folder of "
+                            "`pipeline train`")
+    cfg = json.loads(config_path.read_text())
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise PipelineError(f"{run_dir} has no metrics.jsonl rows to audit")
+    bad_files = verify_audit_log(run_dir)
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise PipelineError(f"{run_dir} has no checkpoint (checkpoints/step_*/{STATE_FILE})")
+    try:
+        state = load_file(str(checkpoints[-1] / STATE_FILE))
+    except Exception as e:  # safetensors raises its own error type
+        raise PipelineError(f"checkpoint file {checkpoints[-1] / STATE_FILE} cannot be read "
+                            f"({e})") from e
+    norms = state["sae.W_dec"].norm(dim=1)
+    evaluation = json.loads((run_dir / EVAL_FILE).read_text()) \
+        if (run_dir / EVAL_FILE).is_file() else None
+    dead = evaluation["dead_fraction"] if evaluation else rows[-1]["dead_fraction"]
+    var_check, steps, rv, window = loss_variance_check(rows)
+    l1_applies = cfg["arch"] in L1_ARCHS
+    checks = [
+        _check("dead_latents", dead, 0.05, dead > 0.05,
+               "fraction of latents that never fired on the held-out tokens (pipeline eval)"
+               if evaluation else f"fraction not fired in {cfg['dead_tokens']} training tokens"),
+        var_check,
+        _check("l1_coefficient", cfg["l1"], 1e-3, cfg["l1"] > 1e-3 if l1_applies else None,
+               "the article's l1 ceiling (mean-|z| convention)" if l1_applies
+               else f"{cfg['arch']} is not trained with an l1 penalty"),
+        _check("min_decoder_norm", float(norms.min()), 0.1, float(norms.min()) < 0.1,
+               f"over the {norms.numel()} decoder rows of {checkpoints[-1].name} (training "
+               "space)"),
+        _check("mask_density", rows[-1]["mask_density"], 0.1,
+               rows[-1]["mask_density"] > 0.1 if cfg["arch"] == "masked" else None,
+               "fraction of latents under the dormancy mask" if cfg["arch"] == "masked"
+               else "no dormancy mask in this architecture"),
+        _check("checkpoint_integrity", len(bad_files), 0, bool(bad_files),
+               "; ".join(bad_files) or "weights and checkpoints are safetensors and match the "
+               "SHA-256 in audit.log"),
+        _check("downstream_false_positive_rate", None, None, None,
+               "not computed: needs a downstream probing task"),
+    ]
+    report = {"run": str(run_dir), "arch": cfg["arch"], "steps": rows[-1]["step"],
+              "failed": [c["check"] for c in checks if c["status"] == "fail"], "checks": checks}
+    report["plots"] = _plots(run_dir, rows, steps, rv, window, norms)
+    (run_dir / "audit.json").write_text(json.dumps(report, indent=1))
+    (run_dir / "audit.md").write_text(_markdown(report))
+    return report
+
+
+def _markdown(report: dict) -> str:
+    lines = [f"# Audit of {report['run']} ({report['arch']}, {report['steps']} steps)", "",
+             "| check | value | threshold | status | detail |", "|---|---|---|---|---|"]
+    for c in report["checks"]:
+        value = "" if c["value"] is None else (f"{c['value']:.4g}"
+                                               if isinstance(c["value"], float) else c["value"])
+        threshold = "" if c["threshold"] is None else c["threshold"]
+        lines.append(f"| {c['check']} | {value} | {threshold} | **{c['status']}** | "
+                     f"{c['detail']} |")
+    verdict = ("FAILED: " + ", ".join(report["failed"])) if report["failed"] else "all checks pass"
+    lines += ["", verdict, ""] + [f"![{p}]({p})" for p in report["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(run_dir: Path, rows, steps, rv, window, norms: torch.Tensor) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    a.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    a.set(title="loss", xlabel="step", yscale="log")
+    b.plot(steps, rv)
+    b.set(title=f"{window}-step rolling variance of MSE", xlabel="step", yscale="log")
+    fig.savefig(run_dir / "audit_loss.png", dpi=100)
+    plt.close(fig)
+    out.append("audit_loss.png")
+    fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
+    ax.hist(norms.numpy(), bins=np.linspace(0.0, max(1.2, 1.05 * float(norms.max())), 61))
+    ax.axvline(0.1, color="red", ls="--", label="0.1 threshold")
+    ax.set(title="decoder row norms", xlabel="||W_dec_i||", ylabel="latents")
+    ax.legend()
+    fig.savefig(run_dir / "audit_decoder_norms.png", dpi=100)
+    plt.close(fig)
+    out.append("audit_decoder_norms.png")
+    if (run_dir / FREQ_FILE).is_file():
+        freq = load_file(str(run_dir / FREQ_FILE))["freq"].numpy()
+        fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
+        ax.hist(np.log10(freq[freq > 0]), bins=50)
+        ax.set(title=f"latent frequency ({int((freq == 0).sum())} never fire)",
+               xlabel="log10 fraction of tokens", ylabel="latents")
+        fig.savefig(run_dir / "audit_latent_freq.png", dpi=100)
+        plt.close(fig)
+        out.append("audit_latent_freq.png")
+    return out
