@@ -110,13 +110,16 @@ def eval_(
     model: str | None = typer.Option(None, help="The model that made the cache, if it cannot be "
                                      "found from the manifest."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    absorption: bool = typer.Option(False, help="Also measure first-letter absorption "
+                                    "(SAEBench's task; minutes on CPU)."),
+    absorption_every: int = typer.Option(8, help="Absorption: every n-th alphabetic word."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Evaluate a saved SAE: MSE, FVE, L0, dead/dense latents, spliced CE (writes eval.json)."""
+    """Evaluate a saved SAE: MSE, FVE, L0, dead/dense latents, spliced CE, absorption."""
     from pipeline.eval.run import evaluate
 
     result = evaluate(sae_dir, cache, holdout_chunks, stream, ce_sequences, model, device,
-                      progress)
+                      progress, absorption, absorption_every)
     typer.echo(json.dumps(result, indent=1))
 
 

@@ -80,3 +80,17 @@ def test_a_different_model_is_refused(tiny_cache, tmp_path):
     with pytest.raises(PipelineError, match="not the one that made this cache"):
         evaluate(hand_built(tmp_path / "e"), cache=str(tiny_cache), holdout_chunks=1,
                  ce_sequences=2, model=str(other), device="cpu")
+
+
+def test_eval_with_absorption_records_the_word_sample(tiny_cache, tiny_model, tmp_path):
+    folder = hand_built(tmp_path / "abs")
+    result = evaluate(folder, cache=str(tiny_cache), holdout_chunks=1, ce_sequences=0,
+                      model=str(tiny_model), device="cpu", progress=False, absorption=True,
+                      absorption_every=1)
+    absorption = result["absorption"]
+    assert {"mean_absorption_fraction", "mean_full_absorption", "letters", "config"} <= set(
+        absorption)
+    sample = json.loads((folder / "absorption_words.json").read_text())
+    assert sample["every"] == 1 and len(sample["words"]) == absorption["n_words"] > 0
+    assert json.loads((folder / "eval.json").read_text())["absorption"]["n_words"] == len(
+        sample["words"])

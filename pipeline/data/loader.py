@@ -1,42 +1,54 @@
 """ActivationLoader: fixed-shape, shuffled training batches of one layer and stream of a cache.
 
-Three small pieces: chunk reads into a ring of reused host window buffers (a thread pool; the
-next window is read while the current one is served), the shuffle (pure functions in
-shuffle.py), and batch assembly into a ring of reused staging buffers (a background thread), then
-a device copy on a side CUDA stream. Host buffers are pinned when the batches go to a GPU.
+Three small pieces: chunk reads (reader.py), the order of rows (pure functions, shuffle.py), and
+the background threads that read windows and assemble batches (background.py); this module
+adds the device copy and the public API.
 """
 
 from __future__ import annotations
 
 import math
 import queue
-import threading
+import weakref
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cache_schema import Manifest, activation_array, hook_name, open_cache, read_chunk_record
+from pipeline.data.background import STAGING_SLOTS, BatchPipeline
 from pipeline.data.reader import ChunkReader
-from pipeline.data.shuffle import RowPlan, chunk_is_masked, window_permutation
+from pipeline.data.shuffle import RowPlan, valid_rows
 from pipeline.errors import PipelineError
 
+STREAMS = ("clean", "masked", "mix")
+DEVICE_SLOTS = 3
 _TORCH_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.int16}
-STAGING_SLOTS = 4
+
+
+def should_pin(device: torch.device, pin: bool | None) -> bool:
+    """Pin host staging buffers only for copies to a usable GPU (pinning fails without CUDA)."""
+    if pin is not None:
+        return pin
+    return device.type == "cuda" and torch.cuda.is_available()
 
 
 class ActivationLoader:
-    """Infinite iterator of float32 [batch_size, d_model] batches on `device` (raw activations,
-    not scaled by norm_scale). Batch i is a pure function of (cache, seed, i): `start_step` skips
-    to batch i reading only the windows it needs. A yielded tensor stays valid until the next
-    call to `next()`; copy it (the trainer copies it into its static input at once).
+    """Infinite iterator of float32 [batch_size, d_model] batches of `hook`'s activations on
+    `device`: raw values, not scaled by `norm_scale`. Batch i is rows [i*B, (i+1)*B) of the
+    seeded global row stream (shuffle.py), so it depends only on (cache, arguments, i), and
+    `start_step` skips to batch i reading only the windows from there on.
 
-    Uncompressed caches are memory-mapped chunk by chunk (two windows mapped at a time, in the
-    page cache); batches are gathered from the maps, rows grouped by chunk within a batch.
-    Host memory: 4 staging batches of batch_size x d_model x itemsize bytes, plus for compressed
-    caches 2 window buffers of window_chunks x rows_per_chunk x d_model x itemsize.
+    A yielded tensor is valid until the next call to next(): copy it (the trainer copies it into
+    its static input at once). On CUDA the copy runs on a side stream, ordered before the
+    consumer's current stream; the device slot is reused only once that stream has passed the
+    point where next() was called again.
+
+    Host memory: 2 window buffers of window_chunks x rows_per_chunk x d_model x itemsize and 4
+    staging batches of batch_size x d_model x itemsize (`host_bytes`; only the staging batches
+    are pinned), plus on CUDA 3 device batches of the storage dtype.
     """
 
     def __init__(self, cache: str | Path, layer: int, stream: str = "clean",
@@ -47,251 +59,178 @@ class ActivationLoader:
         self.root = Path(cache)
         self.manifest: Manifest = open_cache(self.root)
         m = self.manifest
-        if layer not in m.layers:
-            raise PipelineError(f"layer {layer} is not in the cache {cache}, which holds layers "
-                                f"{m.layers}")
-        if stream not in ("clean", "masked", "mix"):
-            raise PipelineError(f"unknown stream {stream!r}: expected clean, masked or mix")
-        if not 0.0 <= mix_fraction <= 1.0:
-            raise PipelineError(f"mix fraction must be in [0, 1], got {mix_fraction}")
-        if batch_size < 1 or window_chunks < 1:
-            raise PipelineError("batch size and window chunks must be at least 1")
-        if not 0 <= holdout_chunks < m.n_chunks:
-            raise PipelineError(f"holdout of {holdout_chunks} chunks leaves nothing to train on: "
-                                f"the cache has {m.n_chunks} chunks")
+        _check_args(m, cache, layer, stream, batch_size, start_step, window_chunks,
+                    holdout_chunks, mix_fraction, n_threads)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise PipelineError(f"device {device} was asked for but CUDA is not available "
+                                "here: use device cpu")
         self.hook, self.d_model, self.stream = hook_name(layer), m.d_model, stream
         self.batch_size, self.seed, self.keep_special = batch_size, seed, keep_special
         self.mix_fraction, self.window_chunks = mix_fraction, window_chunks
-        self.device = torch.device(device)
         self.train_chunks = list(range(m.n_chunks - holdout_chunks))
         self.holdout_chunk_ids = list(range(m.n_chunks - holdout_chunks, m.n_chunks))
         self.norm_scale = self._norm_scale()
         self.reader = ChunkReader(self.root, m)
-        self.special = np.asarray(m.special_token_ids, dtype=np.int64)
+        self._special = None if keep_special else np.asarray(m.special_token_ids, np.int64)
         self.plan = RowPlan(self.train_chunks, self._valid_counts(), seed, window_chunks)
         self.rows_per_epoch = self.plan.rows_per_epoch
         if self.rows_per_epoch == 0:
-            raise PipelineError(f"the training chunks of {cache} hold no non-special rows")
+            raise PipelineError(f"the training chunks of {cache} hold no non-special rows: "
+                                "use keep_special or fewer holdout chunks")
         self.step = start_step
-        self.pin = (self.device.type == "cuda" and torch.cuda.is_available()) if pin is None \
-            else pin
-        dtype = self._dtype = _TORCH_STORAGE[m.storage_dtype]
-        self._mapped = m.codec == "none"
-        rows = window_chunks * m.rows_per_chunk
-        self._windows = [] if self._mapped else [self._empty((rows, m.d_model), dtype)
-                                                 for _ in range(2)]
-        self._staging = [self._empty((batch_size, m.d_model), dtype) for _ in range(STAGING_SLOTS)]
-        self._free: queue.Queue = queue.Queue()
-        for i in range(STAGING_SLOTS):
-            self._free.put(i)
-        self._ready: queue.Queue = queue.Queue()
+        self.pin = should_pin(self.device, pin)
+        self._dtype = _TORCH_STORAGE[m.storage_dtype]
+        self._pipe = BatchPipeline(self.reader, self.plan, self.plan.locate(start_step * batch_size),
+                                   self.hook, stream, mix_fraction, self._special, batch_size,
+                                   self._dtype, self.pin, n_threads)
+        self._finalizer = weakref.finalize(self, self._pipe.close)
         self._held: int | None = None
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max(n_threads, 1), thread_name_prefix="chunk-read")
-        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="window-prefetch")
+        self._error: PipelineError | None = None
         self._cuda = self.device.type == "cuda"
         if self._cuda:
             self._side = torch.cuda.Stream(self.device)
-            self._dev = [torch.empty((batch_size, m.d_model), dtype=dtype, device=self.device)
-                         for _ in range(3)]
-            self._dev_free: list[torch.cuda.Event | None] = [None] * 3
-            self._dev_i = 0
-            self._pending: list[tuple[int, torch.cuda.Event]] = []
-        self._thread = threading.Thread(target=self._assemble, name="batch-assembly", daemon=True)
+            self._dev = [torch.empty((batch_size, m.d_model), dtype=self._dtype, device=self.device)
+                         for _ in range(DEVICE_SLOTS)]
+            self._dev_free: list[torch.cuda.Event | None] = [None] * DEVICE_SLOTS
+            self._dev_next = 0
+            self._copies: deque = deque()  # (staging slot, copy-done event), oldest first
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of host buffers this loader holds (window ring + staging ring)."""
+        return self._pipe.host_bytes
 
     # -- setup ----------------------------------------------------------------------------------
-    def _empty(self, shape, dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
-
     def _norm_scale(self) -> float:
         stats = self.manifest.norm_stats.get(self.hook, {})
-        means = {s: stats.get(s, {}).get("mean_norm") for s in ("clean", "masked")}
         p = {"clean": 0.0, "masked": 1.0, "mix": self.mix_fraction}[self.stream]
-        needed = [s for s, w in (("clean", 1 - p), ("masked", p)) if w > 0]
-        if any(not means[s] for s in needed):
+        weights = [(s, w) for s, w in (("clean", 1 - p), ("masked", p)) if w > 0]
+        means = {s: stats.get(s, {}).get("mean_norm") for s, _ in weights}
+        if not all(means.values()):
             raise PipelineError(f"the cache manifest has no norm statistics for {self.hook} "
-                                f"({', '.join(needed)}): re-extract the cache")
-        mean = sum(w * means[s] for s, w in (("clean", 1 - p), ("masked", p)) if w > 0)
-        return math.sqrt(self.d_model) / mean
+                                f"({', '.join(means)}): re-extract the cache")
+        return math.sqrt(self.d_model) / sum(w * means[s] for s, w in weights)
 
     def _valid_counts(self) -> dict[int, int]:
         if self.keep_special:
             return dict.fromkeys(self.train_chunks, self.manifest.rows_per_chunk)
-        return {k: int(read_chunk_record(self.root, k)["stats"][self.hook]["clean"]["count"])
+        stream = "clean" if self.stream == "mix" else self.stream  # same rows in both streams
+        return {k: int(read_chunk_record(self.root, k)["stats"][self.hook][stream]["count"])
                 for k in self.train_chunks}
-
-    # -- background: windows and batches --------------------------------------------------------
-    def _stream_of(self, epoch: int, k: int) -> str:
-        if self.stream != "mix":
-            return self.stream
-        return "masked" if chunk_is_masked(self.seed, epoch, k, self.mix_fraction) else "clean"
-
-    def _valid_rows(self, k: int) -> np.ndarray:
-        rows = self.manifest.rows_per_chunk
-        if self.keep_special:
-            return np.arange(rows)
-        valid = np.flatnonzero(~np.isin(self.reader.tokens(k), self.special))
-        if valid.size != self.plan.counts[k]:
-            raise PipelineError(f"chunk {k}: its tokens give {valid.size} non-special rows but "
-                                f"its record says {self.plan.counts[k]}; run `pipeline verify`")
-        return valid
-
-    def _read_window(self, slot: int, epoch: int, w: int, chunks: list[int]):
-        """Map (uncompressed) or read (compressed, into window buffer `slot`) a window's chunks
-        in parallel; returns the chunk tensors and the window's shuffled row index."""
-        R = self.manifest.rows_per_chunk
-
-        def one(i: int, k: int) -> tuple[torch.Tensor, np.ndarray]:
-            name = activation_array(self._stream_of(epoch, k), self.hook)
-            if self._mapped:
-                t = self.reader.map(name, k, self._dtype)
-            else:
-                t = self._windows[slot][i * R:(i + 1) * R]
-                self.reader.read(name, k, t.numpy())
-            return t, self._valid_rows(k) + i * R
-
-        parts = list(self._pool.map(one, range(len(chunks)), chunks))
-        rows = np.concatenate([p[1] for p in parts])
-        perm = window_permutation(self.seed, epoch, w, rows.size)
-        return [p[0] for p in parts], torch.from_numpy(rows[perm])
-
-    def _windows_from(self, row: int):
-        """(chunk tensors, shuffled row index, first offset) of each window from global `row`
-        on, reading the next window while the caller serves the current one."""
-        pos = self.plan.locate(row)
-        epoch, w, offset = pos.epoch, pos.window, pos.offset
-        slot = 0
-        windows = self.plan.windows(epoch)
-        future = self._prefetch.submit(self._read_window, slot, epoch, w, windows[w])
-        while not self._stop.is_set():
-            chunks, idx = future.result()
-            w += 1
-            if w == len(windows):
-                epoch, w, windows = epoch + 1, 0, self.plan.windows(epoch + 1)
-            slot = 1 - slot
-            future = self._prefetch.submit(self._read_window, slot, epoch, w, windows[w])
-            yield chunks, idx, offset
-            offset = 0
-
-    def _gather(self, chunks: list[torch.Tensor], idx: torch.Tensor, out: torch.Tensor) -> None:
-        """out = the window rows idx in ascending order (one index_select per chunk; each row
-        is copied once, straight from the page cache when mapped, in address order)."""
-        R = self.manifest.rows_per_chunk
-        idx = torch.sort(idx).values  # ascending addresses: the batch is a set, order is free
-        which = torch.div(idx, R, rounding_mode="floor")
-        pos = 0
-        for i, n in enumerate(torch.bincount(which, minlength=len(chunks)).tolist()):
-            if n:
-                torch.index_select(chunks[i], 0, idx[pos:pos + n] - i * R, out=out[pos:pos + n])
-                pos += n
-
-    def _take_slot(self) -> int | None:
-        while not self._stop.is_set():
-            try:
-                return self._free.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return None
-
-    def _assemble(self) -> None:
-        try:
-            B = self.batch_size
-            slot, filled = self._take_slot(), 0
-            for chunks, idx, offset in self._windows_from(self.step * B):
-                while offset < idx.numel() and slot is not None:
-                    n = min(B - filled, idx.numel() - offset)
-                    self._gather(chunks, idx[offset:offset + n],
-                                 self._staging[slot][filled:filled + n])
-                    filled, offset = filled + n, offset + n
-                    if filled == B:
-                        self._ready.put(slot)
-                        slot, filled = self._take_slot(), 0
-                if slot is None:
-                    return
-        except BaseException as e:  # surfaced in __next__
-            self._ready.put(e)
 
     # -- the iterator ---------------------------------------------------------------------------
     def __iter__(self) -> ActivationLoader:
         return self
 
     def __next__(self) -> torch.Tensor:
-        if self._thread.ident is None:  # started on first use: holdout-only users read nothing
-            self._thread.start()
-        if self._held is not None:
-            self._release(self._held)
-            self._held = None
-        while True:
-            try:
-                item = self._ready.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    raise PipelineError("the loader's background thread stopped") from None
+        if self._error is not None:
+            raise self._error
+        if not self._pipe.started:  # started on first use: holdout-only users read nothing
+            self._pipe.start_threads()
+        self._release()
+        item = self._wait_ready()
         if isinstance(item, BaseException):
             self.close()
             if isinstance(item, PipelineError):
+                self._error = item
                 raise item
-            raise PipelineError(f"reading the cache failed: {item}") from item
+            self._error = PipelineError(f"reading the cache {self.root} failed: "
+                                        f"{type(item).__name__}: {item}")
+            raise self._error from item
         self.step += 1
-        return self._deliver(item)
+        return self._deliver_cuda(item) if self._cuda else self._deliver_cpu(item)
 
-    def _release(self, slot: int) -> None:
+    def _wait_ready(self):
+        while True:
+            try:
+                return self._pipe.ready.get(timeout=1.0)
+            except queue.Empty:
+                if self._cuda:
+                    self._drain_copies(all_of_them=True)
+                if not self._pipe.alive() and self._pipe.ready.empty():
+                    self._error = PipelineError("the loader's background threads have stopped "
+                                                "(closed?): create a new loader")
+                    raise self._error from None
+
+    def _deliver_cpu(self, slot: int) -> torch.Tensor:
+        host = self._pipe.staging[slot]
+        if host.dtype == torch.float32:
+            self._held = slot  # handed out as is: given back at the next call
+            return host
+        out = _to_float(host)
+        self._pipe.release(slot)
+        return out
+
+    def _deliver_cuda(self, slot: int) -> torch.Tensor:
+        i = self._dev_next
+        self._dev_next = (i + 1) % DEVICE_SLOTS
+        with torch.cuda.stream(self._side):
+            if self._dev_free[i] is not None:  # the consumer is done with this slot's last batch
+                self._side.wait_event(self._dev_free[i])
+            self._dev[i].copy_(self._pipe.staging[slot], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._side)
+        torch.cuda.current_stream(self.device).wait_event(done)
+        self._copies.append((slot, done))
+        self._held = i
+        return _to_float(self._dev[i])  # bf16/f16: converted on the device, half the bytes moved
+
+    def _release(self) -> None:
+        """The consumer asked for the next batch: it is done with the one it holds."""
+        if self._held is None:
+            return
         if self._cuda:
-            self._pending.append((slot, self._last_copy))
-            dev = (self._dev_i - 1) % 3
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
-            self._dev_free[dev] = ev
-            for s, done in self._pending[:-1]:
-                done.synchronize()
-                self._free.put(s)
-            self._pending = self._pending[-1:]
-            return
-        self._free.put(slot)
+            self._dev_free[self._held] = ev
+            self._drain_copies(all_of_them=False)
+        else:
+            self._pipe.release(self._held)
+        self._held = None
 
-    def _deliver(self, slot: int) -> torch.Tensor:
-        host = self._staging[slot]
-        if not self._cuda:
-            self._held = slot
-            return _to_float(host)
-        i = self._dev_i % 3
-        self._dev_i += 1
-        with torch.cuda.stream(self._side):
-            if self._dev_free[i] is not None:
-                self._side.wait_event(self._dev_free[i])
-            self._dev[i].copy_(host, non_blocking=True)
-            self._last_copy = torch.cuda.Event()
-            self._last_copy.record(self._side)
-        torch.cuda.current_stream(self.device).wait_event(self._last_copy)
-        self._held = slot
-        return _to_float(self._dev[i])
+    def _drain_copies(self, all_of_them: bool) -> None:
+        """Give back the staging slots whose device copy has finished (all: wait for them)."""
+        while self._copies and (all_of_them or self._copies[0][1].query()
+                                or len(self._copies) >= STAGING_SLOTS - 1):
+            slot, done = self._copies.popleft()
+            done.synchronize()
+            self._pipe.release(slot)
 
+    # -- held-out chunks ------------------------------------------------------------------------
     def holdout(self, batch_size: int | None = None) -> Iterator[torch.Tensor]:
-        """The held-out chunks in order (clean stream for mix), special rows left out unless
-        keep_special; the last batch may be shorter."""
-        stream = "clean" if self.stream == "mix" else self.stream
-        name = activation_array(stream, self.hook)
-        R, B = self.manifest.rows_per_chunk, batch_size or self.batch_size
-        dtype = _TORCH_STORAGE[self.manifest.storage_dtype]
-        buf = torch.empty((R, self.d_model), dtype=dtype)
-        rows = []
+        """The held-out chunks in chunk order, rows in order (special rows left out unless
+        keep_special), float32 on the device; every batch is full except maybe the last. The
+        clean stream for "clean" and "mix", the masked one for "masked". Fresh tensors."""
+        B = self.batch_size if batch_size is None else batch_size
+        if B < 1:
+            raise PipelineError(f"holdout batch size must be at least 1, got {B}")
+        name = activation_array("masked" if self.stream == "masked" else "clean", self.hook)
+        R = self.manifest.rows_per_chunk
+        chunk = torch.empty((R, self.d_model), dtype=self._dtype)
+        out = torch.empty((B, self.d_model), dtype=self._dtype)
+        filled = 0
         for k in self.holdout_chunk_ids:
-            self.reader.read(name, k, buf.numpy())
-            valid = np.arange(R) if self.keep_special else np.flatnonzero(
-                ~np.isin(self.reader.tokens(k), self.special))
-            rows.append(_to_float(buf[torch.from_numpy(valid)]))
-        if rows:
-            data = torch.cat(rows)
-            for i in range(0, data.shape[0], B):
-                yield data[i:i + B].to(self.device)
+            self.reader.read(name, k, chunk.numpy())
+            tokens = self.reader.tokens(k) if self._special is not None else np.empty(R)
+            rows = torch.from_numpy(valid_rows(tokens, self._special))
+            offset = 0
+            while offset < rows.numel():
+                n = min(B - filled, rows.numel() - offset)
+                torch.index_select(chunk, 0, rows[offset:offset + n], out=out[filled:filled + n])
+                filled, offset = filled + n, offset + n
+                if filled == B:
+                    yield _to_float(out.to(self.device, copy=True))
+                    filled = 0
+        if filled:
+            yield _to_float(out[:filled].to(self.device, copy=True))
 
+    # -- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-        self._prefetch.shutdown(wait=False, cancel_futures=True)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the background threads (also done when the loader is garbage collected)."""
+        self._finalizer()
+        if self._cuda:
+            self._side.synchronize()
 
     def __enter__(self) -> ActivationLoader:
         return self
@@ -299,9 +238,24 @@ class ActivationLoader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        if hasattr(self, "_stop"):
-            self._stop.set()
+
+def _check_args(m: Manifest, cache, layer, stream, batch_size, start_step, window_chunks,
+                holdout_chunks, mix_fraction, n_threads) -> None:
+    if layer not in m.layers:
+        raise PipelineError(f"layer {layer} is not in the cache {cache}, which holds layers "
+                            f"{m.layers}: pick one of those or extract layer {layer}")
+    if stream not in STREAMS:
+        raise PipelineError(f"unknown stream {stream!r}: expected one of {', '.join(STREAMS)}")
+    if not 0.0 <= mix_fraction <= 1.0:
+        raise PipelineError(f"mix fraction must be in [0, 1], got {mix_fraction}")
+    for name, value, least in (("batch size", batch_size, 1), ("window chunks", window_chunks, 1),
+                               ("read threads", n_threads, 1), ("start step", start_step, 0)):
+        if value < least:
+            raise PipelineError(f"{name} must be at least {least}, got {value}")
+    if not 0 <= holdout_chunks < m.n_chunks:
+        raise PipelineError(f"holdout chunks must be in [0, {m.n_chunks}) for the {m.n_chunks} "
+                            f"chunks of {cache}, got {holdout_chunks}: at least one chunk must "
+                            "be left to train on")
 
 
 def _to_float(t: torch.Tensor) -> torch.Tensor:

@@ -51,10 +51,8 @@ def check_sae_fits_cache(cfg: dict, m: Manifest, cache: str) -> int:
     return layer
 
 
-def load_model_of(m: Manifest, model: str | None, device: str):
-    """The full causal LM that made the cache (checked by fingerprint)."""
-    from transformers import AutoModelForCausalLM
-
+def model_source_of(m: Manifest, model: str | None) -> models.ModelSource:
+    """Where the model that made the cache is (checked by fingerprint)."""
     name = model or ("default" if m.model_name == models.DEFAULT_NAME else m.model_name)
     try:
         src = models.resolve_model(name, m.model_revision)
@@ -65,6 +63,14 @@ def load_model_of(m: Manifest, model: str | None, device: str):
         raise PipelineError(f"model {name} is not the one that made this cache (fingerprint "
                             f"{src.fingerprint[:12]} vs {m.model_fingerprint[:12]}); pass the "
                             "right one with --model")
+    return src
+
+
+def load_model_of(m: Manifest, model: str | None, device: str):
+    """The full causal LM that made the cache."""
+    from transformers import AutoModelForCausalLM
+
+    src = model_source_of(m, model)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     kwargs = {"dtype": dtype, "revision": src.revision}
     if device != "cpu":
@@ -80,7 +86,8 @@ def holdout_sequences(cache: str, m: Manifest, chunks: list[int], n: int) -> np.
 
 def evaluate(sae_dir: str | Path, cache: str | None = None, holdout_chunks: int | None = None,
              stream: str = "clean", ce_sequences: int = 16, model: str | None = None,
-             device: str = "auto", progress: bool = True) -> dict:
+             device: str = "auto", progress: bool = True, absorption: bool = False,
+             absorption_every: int = 8) -> dict:
     """Evaluate a saved SAE; writes eval.json (and latent frequencies) into its folder."""
     sae_dir = Path(sae_dir)
     sae = load_saelens(sae_dir)
@@ -111,6 +118,40 @@ def evaluate(sae_dir: str | Path, cache: str | None = None, holdout_chunks: int 
         result.update(spliced_ce(lm, layer, sae, tokens, m.special_token_ids,
                                  progress=bar.update))
         bar.close()
+    if absorption:
+        result["absorption"] = run_absorption(sae, m, layer, model, dev, absorption_every,
+                                              sae_dir, progress)
     (sae_dir / EVAL_FILE).write_text(json.dumps(result, indent=1))
     save_file({"freq": freq.cpu()}, str(sae_dir / FREQ_FILE))
+    return result
+
+
+def run_absorption(sae, m: Manifest, layer: int, model: str | None, device: str, every: int,
+                   out_dir: Path, progress: bool) -> dict:
+    """First-letter absorption (pipeline.eval.absorption) with the model truncated after the
+    SAE's layer; the word sample goes to absorption_words.json."""
+    from pipeline.eval.absorption import (
+        AbsorptionConfig,
+        absorption_scores,
+        alpha_words,
+        build_prompts,
+        first_letter,
+        word_activations,
+    )
+
+    src = model_source_of(m, model)
+    tok = models.load_tokenizer(src)
+    cfg = AbsorptionConfig(every=every)
+    words = alpha_words(tok, every)
+    ids, pos, kept = build_prompts(tok, words, cfg)
+    base = models.load_truncated(src, layer + 1, torch.float32 if device == "cpu"
+                                 else torch.bfloat16, device)
+    bar = tqdm(total=len(ids), unit="prompt", desc="absorption", disable=not progress,
+               file=sys.stderr)
+    acts = word_activations(base, layer, ids, pos, progress=bar.update)
+    bar.close()
+    result = absorption_scores(acts, [first_letter(w) for _, w in kept], sae.cpu(), cfg)
+    (out_dir / "absorption_words.json").write_text(json.dumps(
+        {"every": every, "prompt_length": ids.shape[1], "word_position": pos,
+         "words": [w for _, w in kept]}))
     return result

@@ -1,8 +1,13 @@
 """SAEConfig and the SAE base class every architecture extends.
 
-Conventions (the source article's): mse is the mean over batch x d_in of the squared error, the
-sparsity term the mean over batch x d_sae of |z|. Every method used inside a training step is
-CUDA-graph capturable: no host sync, no data-dependent shapes, buffers updated in place.
+Loss reductions follow the source article's code (its formula writes sums; its code takes means,
+and the coefficients l1=1e-3, absorption=5e-4 were tuned for the means):
+- mse: mean over batch x d_in of (x - x_hat)^2;
+- sparsity: l1 * l1_scale * mean over batch x d_sae of |z|;
+- masked penalty, gated entropy: means over the d_sae latents.
+Every method used inside a training step is CUDA-graph capturable: no host sync, no
+data-dependent shapes, no Python branch on a tensor's value, buffers updated in place.
+tokens_since_fired is int64, so the count stays exact however long a latent stays silent.
 """
 
 from __future__ import annotations
@@ -51,17 +56,29 @@ class SAEConfig:
     """batchtopk: momentum of the running inference threshold."""
 
     def __post_init__(self) -> None:
+        from pipeline.sae import REGISTRY  # the registry imports this module: look it up late
+
         problems = []
+        if self.arch not in REGISTRY:
+            problems.append(f"unknown architecture {self.arch!r} (known: {', '.join(REGISTRY)})")
         if self.d_in < 1 or self.d_sae < 1:
-            problems.append(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
+            problems.append(f"d_in and d_sae must be at least 1, got d_in={self.d_in}, "
+                            f"d_sae={self.d_sae}")
         if self.arch in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
-            problems.append(f"k must be between 1 and d_sae ({self.d_sae}), got {self.k}")
+            problems.append(f"k must be between 1 and d_sae ({self.d_sae}), got k={self.k}")
         if self.penalty not in PENALTIES:
             problems.append(f"unknown penalty {self.penalty!r} (known: {', '.join(PENALTIES)})")
-        if self.mask_every < 1 or self.aux_k < 1 or self.dead_tokens < 1:
-            problems.append("mask_every, aux_k and dead_tokens must be positive")
+        for name in ("mask_every", "aux_k", "dead_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("l1", "aux_coeff", "absorption", "gate_reg", "mask_eps"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"{name} must be non-negative, got {getattr(self, name)}")
+        for name in ("mask_momentum", "threshold_momentum"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("invalid SAE config: " + "; ".join(problems))
 
 
 class SAE(nn.Module):
@@ -81,7 +98,7 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(w.t().clone())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
-        self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae))
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.int64))
 
     # -- forward --------------------------------------------------------------------------------
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +145,7 @@ class SAE(nn.Module):
     def _count_firing(self, z: torch.Tensor) -> None:
         fired = (z != 0).any(dim=0)
         self.tokens_since_fired.add_(z.shape[0])
-        self.tokens_since_fired.masked_fill_(fired, 0.0)
+        self.tokens_since_fired.masked_fill_(fired, 0)
 
     def update_stats(self, z: torch.Tensor) -> None:
         """In-step statistics (no grad, in place)."""

@@ -1,9 +1,12 @@
 """Save and load SAEs in the SAELens folder format: cfg.json + sae_weights.safetensors.
 
-Checked against sae-lens 6 (`SAE.load_from_disk(folder)`): W_enc [d_in, d_sae], W_dec [d_sae,
-d_in], b_enc [d_sae], b_dec [d_in] (+ threshold [d_sae] for jumprelu); cfg keys architecture,
-d_in, d_sae, dtype, device, apply_b_dec_to_input, normalize_activations, reshape_activations,
-metadata (with sae_lens_version >= 6 so that hook_name/model_name survive), and k for topk.
+Checked against sae-lens 6.54 (`SAE.load_from_disk(folder)`, which loads the state dict strictly):
+the safetensors file holds exactly W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae],
+b_dec [d_in] (+ threshold [d_sae] for jumprelu); cfg.json has architecture, d_in, d_sae, dtype,
+device, apply_b_dec_to_input, normalize_activations, reshape_activations, k for topk, and
+metadata. metadata must carry sae_lens_version >= 6, or SAELens reads the file as a pre-6 config
+and drops hook_name/model_name; SAELens's ActivationsStore.from_sae also needs context_size and
+prepend_bos there (our sequences start with BOS, so prepend_bos defaults to True).
 """
 
 from __future__ import annotations
@@ -31,43 +34,63 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp_path) then fsync and rename over `path`: a reader sees the old file or the new
+    one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def save_saelens(folder: str | Path, sae: SAE, scale: float, metadata: dict) -> dict[str, str]:
-    """Write the SAE (input scaling folded in) for SAELens; returns {file name: sha256}."""
+    """Write the SAE (input scaling folded in) for SAELens; returns {file name: sha256}.
+
+    metadata must name hook_name and model_name; the rest (context_size, cache id, training
+    config, ...) is stored as given. sae_lens_version is always ours (6.0.0), so that SAELens
+    reads the file as a version-6 config."""
+    missing = [key for key in ("hook_name", "model_name") if not metadata.get(key)]
+    if missing:
+        raise PipelineError(f"save_saelens: metadata lacks {', '.join(missing)}; SAELens and "
+                            "SAEBench need them to find the model and hook of the SAE")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors, fields = sae.saelens_export(scale)
     cfg = {**fields, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "dtype": "float32",
            "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
            "reshape_activations": "none",
-           "metadata": {"sae_lens_version": SAE_LENS_VERSION, "trained_arch": sae.cfg.arch,
-                        **metadata}}
-    tmp = folder / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / WEIGHTS)
-    tmp = folder / (CFG + ".tmp")
-    tmp.write_text(json.dumps(cfg, indent=1, default=str))
-    os.replace(tmp, folder / CFG)
+           "metadata": {"prepend_bos": True, "trained_arch": sae.cfg.arch, **metadata,
+                        "sae_lens_version": SAE_LENS_VERSION}}
+    text = json.dumps(cfg, indent=1, default=str)
+    _write_atomic(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+    _write_atomic(folder / CFG, lambda tmp: tmp.write_text(text))
     return {name: _sha256(folder / name) for name in (WEIGHTS, CFG)}
 
 
 class InferenceSAE(nn.Module):
-    """A saved SAE applied to raw activations: standard, topk or jumprelu, as SAELens runs them."""
+    """A saved SAE applied to raw activations: standard, topk or jumprelu, computed as SAELens 6
+    computes them (TopK keeps the k largest pre-activations per row, then ReLU; JumpReLU keeps
+    relu(pre) where pre > relu(threshold))."""
 
     def __init__(self, cfg: dict, tensors: dict[str, torch.Tensor]):
         super().__init__()
         self.cfg = cfg
         self.architecture = cfg["architecture"]
+        self.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
         for name, t in tensors.items():
             self.register_buffer(name, t)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        pre = x @ self.W_enc + self.b_enc
         acts = torch.relu(pre)
         if self.architecture == "topk":
             top, idx = acts.topk(int(self.cfg["k"]), dim=-1, sorted=False)
             return torch.zeros_like(acts).scatter_(-1, idx, top)
         if self.architecture == "jumprelu":
-            return acts * (pre > self.threshold)
+            return acts * (pre > self.threshold.relu())
         return acts
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -91,7 +114,18 @@ def load_saelens(folder: str | Path) -> InferenceSAE:
     if arch not in _TENSORS:
         raise PipelineError(f"{folder}: architecture {arch!r} is not one this tool reads "
                             f"({', '.join(_TENSORS)})")
-    tensors = load_file(str(folder / WEIGHTS))
+    needed = ["d_in", "d_sae"] + (["k"] if arch == "topk" else [])
+    missing = [key for key in needed if not isinstance(cfg.get(key), int)]
+    if missing:
+        raise PipelineError(f"{folder / CFG}: {', '.join(missing)} missing or not an integer")
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in ("none", False):
+        raise PipelineError(f"{folder / CFG}: normalize_activations is {norm!r}; this tool reads "
+                            "SAEs whose input scaling is folded into the weights ('none')")
+    try:
+        tensors = load_file(str(folder / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise PipelineError(f"{folder / WEIGHTS} cannot be read as safetensors ({e})") from e
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,),
               "b_dec": (d_in,), "threshold": (d_sae,)}

@@ -1,18 +1,29 @@
 """The dormancy-mask SAE of the source article, with its defects fixed.
 
 - Statistics are taken on the latents z (the article's forward hook read x_hat): per latent, an
-  EMA of the batch mean of |z| (momentum 0.99).
+  EMA of the batch mean of |z| (momentum 0.99), starting at 1 (no latent is dormant until the
+  data say so).
 - Every `mask_every` steps, outside the training step, the mask M = [EMA < eps] is refreshed.
-- Loss = mse + l1 * mean|z| + absorption * penalty(M, ||W_dec_i||), where the penalty is
-  - "shrink": mean(M * ||W_dec_i||), the article's term. Its comment says it restores low norms;
-    it does the opposite: it pushes the decoder rows of dormant latents toward zero.
-  - "restore": mean(M * (1 - ||W_dec_i||)^2), which pulls those norms back toward 1.
-  - "off": no penalty (mask statistics are still reported).
-  With rows renormalised to unit norm after every step, the gradient of either term with respect
-  to W_dec_i is radial (parallel to W_dec_i), so plain SGD's effect would be undone entirely by
-  the renormalisation. What survives is Adam's per-coordinate scaling, which turns the radial
-  gradient into a small non-radial update that rotates dormant rows; expect a weak effect, and
-  compare against "off" (the mask density is logged so the audit can check it).
+- Loss = mse + l1 * l1_scale * mean|z| + absorption * penalty, with the penalty a mean over the
+  d_sae latents of
+  - "shrink": M * ||W_dec_i||, the article's term. Its comment says it restores low norms; its
+    gradient points the other way, toward smaller norms.
+  - "restore": M * (1 - ||W_dec_i||)^2, which points back toward norm 1.
+  - "off": no penalty (the mask and its density are still computed and reported).
+
+What each does once decoder rows are renormalised to unit norm after every step: the gradient
+of either term with respect to W_dec_i is radial (parallel to W_dec_i), and a dormant latent
+(z_i = 0 on the batch) gets no other gradient on its row. Under plain SGD the radial step is
+undone entirely by the renormalisation.
+- "restore" is then a no-op: at ||W_dec_i|| = 1, where every step starts, its gradient is 0.
+- "shrink" is not, because of Adam: Adam divides each coordinate by its own running RMS, so a
+  steady radial gradient g = c * w becomes a step of about lr * g / (|g| + eps) per coordinate,
+  lr * sign(w) when |g| >> eps. After renormalisation that is a soft threshold: the small
+  coordinates of the dormant row go to zero and the row rotates toward the coordinate axes
+  (tests/test_sae.py checks it). At the article's scale (absorption 5e-4, d_sae 32768, d_in 4096)
+  |g| is about 2e-10 per coordinate, under Adam's default eps of 1e-8, so the same drift runs
+  about 40 times slower. Either way it is an optimiser artefact, not the "restoring force" the
+  article describes: compare against "off" before crediting it with anything.
 """
 
 from __future__ import annotations

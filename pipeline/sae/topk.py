@@ -9,7 +9,8 @@ from pipeline.sae.base import SAE
 
 
 def keep_topk(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Zeros except the k largest entries of each row (fixed shapes)."""
+    """Zeros except the k largest entries of each row (fixed shapes). Applied to relu(pre), a
+    row with fewer than k positive entries keeps them all and zeros: at most k nonzeros."""
     top, idx = values.topk(k, dim=-1, sorted=False)
     return torch.zeros_like(values).scatter_(-1, idx, top)
 
@@ -21,8 +22,13 @@ class TopKSAE(SAE):
         return keep_topk(torch.relu(pre), self.cfg.k)
 
     def extra_loss(self, x, x_hat, pre, z, l1_scale):
-        """AuxK: the top aux_k dead latents reconstruct the residual error, as a normalised MSE;
-        exactly 0 while no latent is dead (no branch on values)."""
+        """AuxK (Gao et al. 2024, as in openai/sparse_autoencoder): the aux_k largest ReLU'd
+        pre-activations among dead latents only (live ones masked to -inf, so fixed shapes)
+        reconstruct the detached residual e = x - x_hat through W_dec (no bias); the squared
+        error is divided by the variance of e (mean over batch x d_in of (e - mean e)^2) and
+        multiplied by aux_coeff. Exactly 0 while no latent is dead (a multiplication by
+        any(dead), no branch on values); aux_k above d_sae means all latents. SAELens differs:
+        no variance normalisation, no ReLU, k_aux = d_in // 2 scaled by n_dead / k_aux."""
         dead = self.dead_mask()
         err = (x - x_hat).detach()
         aux_pre = torch.relu(pre.masked_fill(~dead, float("-inf")))

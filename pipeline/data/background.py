@@ -1,0 +1,172 @@
+"""The loader's background half: window reads into a ring of host window buffers, and batch
+assembly into a ring of staging buffers. Two daemon threads joined by queues of buffer slots;
+it holds no reference to the ActivationLoader, so an unclosed loader is still garbage collected
+(its finalizer stops these threads)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from cache_schema import activation_array
+from pipeline.data.reader import ChunkReader
+from pipeline.data.shuffle import Position, RowPlan, chunk_is_masked, valid_rows, window_order
+from pipeline.errors import PipelineError
+
+WINDOW_SLOTS = 2
+"""Host window buffers: one served, one being read."""
+STAGING_SLOTS = 4
+"""Host batch buffers: one (or two, on CUDA) with the consumer, the rest prepared ahead."""
+_POLL_S = 0.05
+
+
+class Stopped(Exception):
+    """The pipeline was closed while a thread waited."""
+
+
+class BatchPipeline:
+    """Produces staging-slot indices of finished batches on `ready`, from `start` on.
+
+    The consumer takes a slot from `ready` (or an exception, raised there), reads
+    `staging[slot]`, and gives the slot back with `release(slot)`.
+    """
+
+    def __init__(self, reader: ChunkReader, plan: RowPlan, start: Position, hook: str,
+                 stream: str, mix_fraction: float, special: np.ndarray | None,
+                 batch_size: int, dtype: torch.dtype, pin: bool, n_threads: int):
+        m = reader.m
+        self.reader, self.plan, self.start, self.hook = reader, plan, start, hook
+        self.stream, self.mix_fraction, self.special = stream, mix_fraction, special
+        self.batch_size, self.n_threads = batch_size, n_threads
+        window_rows = plan.window_chunks * m.rows_per_chunk
+        self.windows = [torch.empty((window_rows, m.d_model), dtype=dtype)
+                        for _ in range(WINDOW_SLOTS)]
+        self.staging = [torch.empty((batch_size, m.d_model), dtype=dtype, pin_memory=pin)
+                        for _ in range(STAGING_SLOTS)]
+        self.free_windows: queue.Queue = queue.Queue()
+        self.full_windows: queue.Queue = queue.Queue()
+        self.free_staging: queue.Queue = queue.Queue()
+        self.ready: queue.Queue = queue.Queue()
+        for i in range(WINDOW_SLOTS):
+            self.free_windows.put(i)
+        for i in range(STAGING_SLOTS):
+            self.free_staging.put(i)
+        self.stopping = threading.Event()
+        self.pool: ThreadPoolExecutor | None = None
+        self.threads = [threading.Thread(target=self._read_windows, name="loader-windows",
+                                         daemon=True),
+                        threading.Thread(target=self._assemble, name="loader-batches",
+                                         daemon=True)]
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(t.nbytes for t in self.windows + self.staging)
+
+    def start_threads(self) -> None:
+        if self.n_threads > 1:
+            self.pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="loader-read")
+        for t in self.threads:
+            t.start()
+
+    @property
+    def started(self) -> bool:
+        return self.threads[0].ident is not None
+
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self.threads)
+
+    def release(self, slot: int) -> None:
+        self.free_staging.put(slot)
+
+    def close(self) -> None:
+        """Stop both threads and the read pool; idempotent, safe from a finalizer."""
+        self.stopping.set()
+        for t in self.threads:
+            if t.ident is not None and t is not threading.current_thread():
+                t.join(timeout=10)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- threads --------------------------------------------------------------------------------
+    def _get(self, q: queue.Queue):
+        while not self.stopping.is_set():
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+        raise Stopped
+
+    def _read_windows(self) -> None:
+        """Fill free window buffers with the next windows, in order."""
+        try:
+            offset = self.start.offset
+            for epoch, w, chunks in self.plan.windows_from(self.start):
+                slot = self._get(self.free_windows)
+                order = self._fill(self.windows[slot], epoch, w, chunks)
+                self.full_windows.put((slot, order, offset))
+                offset = 0
+        except Stopped:
+            return
+        except BaseException as e:  # after the batches already prepared, in order
+            self.full_windows.put(e)
+
+    def _fill(self, buf: torch.Tensor, epoch: int, w: int, chunks: list[int]) -> np.ndarray:
+        """Read a window's chunks into buf (n_threads at a time); its shuffled row order."""
+        R = self.reader.m.rows_per_chunk
+
+        def one(i: int, k: int) -> np.ndarray:
+            masked = self.stream == "masked" or (
+                self.stream == "mix" and chunk_is_masked(self.plan.seed, epoch, k,
+                                                         self.mix_fraction))
+            name = activation_array("masked" if masked else "clean", self.hook)
+            self.reader.read(name, k, buf[i * R:(i + 1) * R].numpy())
+            if self.special is None:
+                return np.arange(R, dtype=np.int64)
+            rows = valid_rows(self.reader.tokens(k), self.special)
+            if rows.size != self.plan.counts[k]:
+                raise PipelineError(
+                    f"chunk {k}: its tokens give {rows.size} non-special rows but its record "
+                    f"says {self.plan.counts[k]}: the cache is corrupt; run `pipeline verify`")
+            return rows
+
+        if self.pool is None:
+            valid = [one(i, k) for i, k in enumerate(chunks)]
+        else:
+            valid = list(self.pool.map(one, range(len(chunks)), chunks))
+        return window_order(valid, R, self.plan.seed, epoch, w)
+
+    def _assemble(self) -> None:
+        """Gather batches from the filled windows, in stream order, into staging buffers."""
+        try:
+            B = self.batch_size
+            slot, filled = self._get(self.free_staging), 0
+            while True:
+                item = self._get(self.full_windows)
+                if isinstance(item, BaseException):
+                    self.ready.put(item)
+                    return
+                wslot, order, offset = item
+                src = self.windows[wslot].numpy()
+                while offset < order.size:
+                    n = min(B - filled, order.size - offset)
+                    gather(src, order[offset:offset + n], self.staging[slot][filled:filled + n])
+                    filled, offset = filled + n, offset + n
+                    if filled == B:
+                        self.ready.put(slot)
+                        slot, filled = self._get(self.free_staging), 0
+                self.free_windows.put(wslot)
+        except Stopped:
+            return
+        except BaseException as e:
+            self.ready.put(e)
+
+
+def gather(src: np.ndarray, rows: np.ndarray, out: torch.Tensor) -> None:
+    """out[:] = src[rows], in that order. np.take with mode="clip" (rows are always in range)
+    writes straight into out without a bounce buffer; one thread, no OpenMP team (torch's
+    index_select spins up one per calling thread, which stalls on a busy 2-core machine)."""
+    np.take(src, rows, axis=0, out=out.numpy(), mode="clip")
