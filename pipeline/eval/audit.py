@@ -47,8 +47,9 @@ def verify_audit_log(run_dir: Path) -> list[str]:
     bad = []
     for name, digest in sorted(last.items()):
         file = run_dir / name
-        if file.is_file() and sha256_file(file) != digest:
-            bad.append(f"{name}: SHA-256 {sha256_file(file)[:16]}... does not match the audit "
+        actual = sha256_file(file) if file.is_file() else None
+        if actual is not None and actual != digest:
+            bad.append(f"{name}: SHA-256 {actual[:16]}... does not match the audit "
                        f"log's {digest[:16]}...")
         elif not file.is_file() and not name.startswith("checkpoints/"):
             bad.append(f"{name}: missing (logged in {AUDIT_LOG})")

@@ -11,7 +11,6 @@ prepend_bos there (our sequences start with BOS, so prepend_bos defaults to True
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cache_schema.store import file_sha256
 from pipeline.errors import PipelineError
 from pipeline.sae.base import SAE
 
@@ -28,10 +28,6 @@ SAE_LENS_VERSION = "6.0.0"
 _TENSORS = {"standard": ("W_enc", "W_dec", "b_enc", "b_dec"),
             "topk": ("W_enc", "W_dec", "b_enc", "b_dec"),
             "jumprelu": ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -65,7 +61,7 @@ def save_saelens(folder: str | Path, sae: SAE, scale: float, metadata: dict) -> 
     text = json.dumps(cfg, indent=1, default=str)
     _write_atomic(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
     _write_atomic(folder / CFG, lambda tmp: tmp.write_text(text))
-    return {name: _sha256(folder / name) for name in (WEIGHTS, CFG)}
+    return {name: file_sha256(folder / name) for name in (WEIGHTS, CFG)}
 
 
 class InferenceSAE(nn.Module):

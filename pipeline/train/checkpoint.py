@@ -3,7 +3,6 @@ the SHA-256 of every file appended to the run's audit log."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,19 +12,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cache_schema.store import file_sha256 as sha256_file
 from pipeline.errors import PipelineError
 
 CHECKPOINTS = "checkpoints"
 AUDIT_LOG = "audit.log"
 STATE_FILE, META_FILE = "state.safetensors", "state.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -15,6 +15,7 @@ from cache_schema import open_cache
 from pipeline.data import ActivationLoader
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
+from pipeline.eval.recon import reconstruction_metrics
 from pipeline.sae import SAE, build_sae
 from pipeline.sae.io import save_saelens
 from pipeline.train import checkpoint as ckpt
@@ -213,27 +214,7 @@ def _finish(cfg: TrainConfig, run_dir: Path, sae: SAE, scale: float, manifest, l
                "cache_id": manifest.cache_id, "norm_scale": scale, "files": hashes,
                "plot": str(plot) if plot else None}
     if cfg.holdout_chunks:
-        summary["holdout"] = evaluate_holdout(sae, loader, scale)
+        metrics, _ = reconstruction_metrics(sae, (x.cpu() * scale for x in loader.holdout()))
+        summary["holdout"] = metrics  # in the training (scaled) space
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return summary
-
-
-@torch.no_grad()
-def evaluate_holdout(sae: SAE, loader: ActivationLoader, scale: float) -> dict:
-    """MSE, fraction of variance explained and L0 of the trained SAE on the held-out chunks."""
-    err = l0 = 0.0
-    n = 0
-    sum_x = sum_x2 = None
-    for x in loader.holdout():
-        x = x.cpu() * scale
-        z = sae.encode(x)
-        err += float((x - sae.decode(z)).pow(2).sum())
-        l0 += float((z != 0).sum())
-        sum_x = x.sum(0) if sum_x is None else sum_x + x.sum(0)
-        sum_x2 = x.pow(2).sum(0) if sum_x2 is None else sum_x2 + x.pow(2).sum(0)
-        n += x.shape[0]
-    if not n:
-        return {}
-    var = float((sum_x2 - sum_x.pow(2) / n).sum())
-    d = sum_x.numel()
-    return {"tokens": n, "mse": err / (n * d), "fve": 1 - err / var, "l0": l0 / n}
