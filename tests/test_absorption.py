@@ -38,6 +38,9 @@ class HandBuiltSAE:
     def encode(self, x):
         return torch.relu(x @ self.W_enc + self.b_enc)
 
+    def decode(self, z):
+        return z @ self.W_dec
+
 
 def constructed_case(n_a=200, n_other=40, n_absorbed=20, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -69,6 +72,18 @@ def test_absorption_finds_exactly_the_absorbed_words():
         assert by_letter[letter]["full_absorption_rate"] == 0.0
         assert by_letter[letter]["mean_absorption_fraction"] == 0.0
     assert abs(result["mean_full_absorption"] - a["full_absorption_rate"] / 26) < 1e-9
+    # reconstructions keep each letter's direction: the probes accept almost no more negatives
+    assert abs(result["downstream_fpr_change"]) < 0.02
+
+
+def test_false_positive_rate_change_counts_probe_hits_on_reconstructions():
+    acts, letters, _ = constructed_case(n_absorbed=0)
+    sae = HandBuiltSAE(0)
+    sae.W_dec[1, 0] = 3.0  # latent B writes a strong A component: B words now look like A
+    result = absorption_scores(acts, letters, sae, AbsorptionConfig())
+    a = next(r for r in result["letters"] if r["letter"] == "A")
+    assert a["false_positive_rate"] == 0.0 and a["false_positive_rate_reconstructed"] > 0.0
+    assert result["downstream_fpr_change"] > 0.0
 
 
 def test_no_absorption_without_absorbing_latents():

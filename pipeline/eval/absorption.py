@@ -16,7 +16,9 @@ fraction by Till), written from its definitions:
    part of the probe projection carried by up to 3 other aligned latents (cos >= 0.1) when they
    carry >= 40% of it; full absorption: no main latent fires and the top projecting latent
    (cos >= 0.025) carries >= 40% of the projection.
-Reported: per letter and mean absorption fraction and full-absorption rate.
+Reported: per letter and mean absorption fraction and full-absorption rate, and the downstream
+false-positive-rate change of the article's checklist: how much more often each letter's probe
+fires on other letters' words when it reads the SAE's reconstruction instead of the residual.
 """
 
 from __future__ import annotations
@@ -106,6 +108,10 @@ class LetterResult:
     words: int = 0
     mean_absorption_fraction: float = 0.0
     full_absorption_rate: float = 0.0
+    false_positive_rate: float = 0.0
+    """Of the test words not starting with the letter, the fraction its probe accepts."""
+    false_positive_rate_reconstructed: float = 0.0
+    """The same probe applied to the SAE's reconstruction of those words' activations."""
     evaluated_words: list[int] = field(default_factory=list)
     """Indices of the test words the probe puts in this letter (the ones scored)."""
     fully_absorbed_words: list[int] = field(default_factory=list)
@@ -135,6 +141,7 @@ def absorption_scores(acts: torch.Tensor, letters: list[str], sae, cfg: Absorpti
     test[torch.from_numpy(rng.permutation(n)[: max(n // 5, 1)])] = True
     with torch.no_grad():
         z = sae.encode(acts)
+        x_hat = sae.decode(z)
     lab = np.array(letters)
     results = []
     for letter in LETTERS:
@@ -147,6 +154,10 @@ def absorption_scores(acts: torch.Tensor, letters: list[str], sae, cfg: Absorpti
         if res.probe_f1 < cfg.min_probe_f1:
             results.append(res)
             continue
+        negatives = test & ~y
+        res.false_positive_rate = float(score[negatives].float().mean())
+        res.false_positive_rate_reconstructed = float(
+            ((x_hat[negatives] @ w + b) > 0).float().mean())
         res.main_latents = main_latents(z[~test], y[~test], z[test], y[test], cfg)
         words = torch.nonzero(test & y & score).flatten()
         fractions, full = word_absorption(acts[words], z[words], w / w.norm(), sae.W_dec,
@@ -163,6 +174,9 @@ def absorption_scores(acts: torch.Tensor, letters: list[str], sae, cfg: Absorpti
         "mean_absorption_fraction": float(np.mean([r.mean_absorption_fraction for r in used]))
         if used else None,
         "mean_full_absorption": float(np.mean([r.full_absorption_rate for r in used]))
+        if used else None,
+        "downstream_fpr_change": float(np.mean(
+            [r.false_positive_rate_reconstructed - r.false_positive_rate for r in used]))
         if used else None,
         "letters_used": [r.letter for r in used],
         "letters": [asdict(r) for r in results],

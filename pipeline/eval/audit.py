@@ -4,8 +4,8 @@ Checks (METHOD.md): dead latents > 5% of d_sae; the 500-step rolling variance of
 reconstruction loss up > 5% from its post-convergence baseline (taken at the half-way step);
 l1 coefficient above 1e-3 (l1-trained architectures); min decoder row norm < 0.1; mask density
 > 10% (masked); every file in audit.log still matching its SHA-256 and the weights in
-safetensors. The downstream false-positive-rate change needs a probing task and is reported as
-not computed.
+safetensors; the downstream false-positive-rate change of the first-letter probes when they read
+the SAE's reconstruction (from `pipeline eval --absorption`; skipped without it).
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from pipeline.train.metrics import per_step_mse, read_metrics, rolling_variance
 
 L1_ARCHS = ("relu", "masked", "gated")
 WINDOW = 500
+FPR_LIMIT = 0.05
+"""Our threshold for the checklist's downstream false-positive-rate change (the article gives
+none): fail when the probes accept 5 points more negatives on reconstructions."""
 
 
 def _check(name: str, value, threshold, failed: bool | None, detail: str) -> dict:
@@ -115,8 +118,7 @@ def run_audit(run_dir: str | Path) -> dict:
         _check("checkpoint_integrity", len(bad_files), 0, bool(bad_files),
                "; ".join(bad_files) or "weights and checkpoints are safetensors and match the "
                "SHA-256 in audit.log"),
-        _check("downstream_false_positive_rate", None, None, None,
-               "not computed: needs a downstream probing task"),
+        _fpr_check(evaluation),
     ]
     report = {"run": str(run_dir), "arch": cfg["arch"], "steps": rows[-1]["step"],
               "failed": [c["check"] for c in checks if c["status"] == "fail"], "checks": checks}
@@ -124,6 +126,16 @@ def run_audit(run_dir: str | Path) -> dict:
     (run_dir / "audit.json").write_text(json.dumps(report, indent=1))
     (run_dir / "audit.md").write_text(_markdown(report))
     return report
+
+
+def _fpr_check(evaluation: dict | None) -> dict:
+    change = (evaluation or {}).get("absorption", {}).get("downstream_fpr_change")
+    if change is None:
+        return _check("downstream_false_positive_rate", None, FPR_LIMIT, None,
+                      "not computed: run `pipeline eval --absorption` first")
+    return _check("downstream_false_positive_rate", change, FPR_LIMIT, change > FPR_LIMIT,
+                  "mean change in the first-letter probes' false-positive rate when they read "
+                  "the SAE's reconstruction instead of the residual stream")
 
 
 def _markdown(report: dict) -> str:
