@@ -1,7 +1,9 @@
 """A small, valid, complete cache of random activations, for tests and benchmarks: real manifest,
-chunk records, checksums and norm statistics, written through the extract writer. Row r of layer
-L's clean stream has activation[:, 0] = r (so tests can see which rows a batch holds); BOS rows
-(position 0 of each sequence) have ~100x the norm of the rest, as in real models."""
+chunk records, checksums and norm statistics, written through the extract writer, so that
+cache_schema.verify passes. Row r of layer L has activation[:, 0] = r + L/4 in both streams (so
+tests can see which rows a batch holds; the masked stream is the clean one plus noise in the
+other columns); BOS rows (position 0 of each sequence) have ~100x the norm of the rest, as in
+real models."""
 
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def write_synthetic_cache(root: str | Path, n_chunks: int = 8, rows_per_chunk: i
                           context_length: int = 64, storage_dtype: str = "float32",
                           codec: str = "none", seed: int = 0,
                           index_column: bool = True) -> Manifest:
-    """Write the cache; index_column=False leaves column 0 random (for training benchmarks)."""
+    """Write the cache and return its manifest; index_column=False leaves column 0 random (for
+    training benchmarks)."""
     root = Path(root)
     n_seq = n_chunks * rows_per_chunk // context_length
     m = Manifest(
@@ -68,6 +71,8 @@ def write_synthetic_cache(root: str | Path, n_chunks: int = 8, rows_per_chunk: i
             if index_column:
                 clean[:, 0] = rows + layer * 0.25
             masked = clean + 0.1 * rng.normal(size=clean.shape).astype(np.float32)
+            if index_column:
+                masked[:, 0] = clean[:, 0]
             h = hook_name(layer)
             norms[h] = {}
             for stream, x in (("clean", clean), ("masked", masked)):
