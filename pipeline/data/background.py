@@ -1,7 +1,12 @@
-"""The loader's background half: window reads into a ring of host window buffers, and batch
-assembly into a ring of staging buffers. Two daemon threads joined by queues of buffer slots;
-it holds no reference to the ActivationLoader, so an unclosed loader is still garbage collected
-(its finalizer stops these threads)."""
+"""The loader's background half: window reads into a ring of window buffers, and batch assembly
+into a ring of staging buffers. Two daemon threads joined by queues of buffer slots. It holds no
+reference to the ActivationLoader, so an unclosed loader is still garbage collected (its
+finalizer then stops these threads).
+
+A window buffer is a WindowMap (uncompressed chunk files memory-mapped back to back: batches are
+gathered straight from the page cache, one copy) where the platform allows, else an ordinary
+host buffer the chunks are read (or decoded) into.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +18,17 @@ import numpy as np
 import torch
 
 from cache_schema import activation_array
+from pipeline.data.mapping import WindowMap, mapping_supported
 from pipeline.data.reader import ChunkReader
 from pipeline.data.shuffle import Position, RowPlan, chunk_is_masked, valid_rows, window_order
 from pipeline.errors import PipelineError
 
 WINDOW_SLOTS = 2
-"""Host window buffers: one served, one being read."""
+"""Window buffers: one served, one being read."""
 STAGING_SLOTS = 4
 """Host batch buffers: one (or two, on CUDA) with the consumer, the rest prepared ahead."""
+USE_MAPPING = True
+"""Map uncompressed chunk files where possible (tests turn it off to cover the read path)."""
 _POLL_S = 0.05
 
 
@@ -29,11 +37,9 @@ class Stopped(Exception):
 
 
 class BatchPipeline:
-    """Produces staging-slot indices of finished batches on `ready`, from `start` on.
-
-    The consumer takes a slot from `ready` (or an exception, raised there), reads
-    `staging[slot]`, and gives the slot back with `release(slot)`.
-    """
+    """Puts the staging-slot index of each finished batch, in order from `start`, on `ready`
+    (or the exception that stopped it). The consumer reads `staging[slot]` and gives the slot
+    back with `release(slot)`."""
 
     def __init__(self, reader: ChunkReader, plan: RowPlan, start: Position, hook: str,
                  stream: str, mix_fraction: float, special: np.ndarray | None,
@@ -42,11 +48,23 @@ class BatchPipeline:
         self.reader, self.plan, self.start, self.hook = reader, plan, start, hook
         self.stream, self.mix_fraction, self.special = stream, mix_fraction, special
         self.batch_size, self.n_threads = batch_size, n_threads
-        window_rows = plan.window_chunks * m.rows_per_chunk
-        self.windows = [torch.empty((window_rows, m.d_model), dtype=dtype)
-                        for _ in range(WINDOW_SLOTS)]
-        self.staging = [torch.empty((batch_size, m.d_model), dtype=dtype, pin_memory=pin)
+        R, D = m.rows_per_chunk, m.d_model
+        chunk_bytes = R * D * dtype.itemsize
+        self.mapped = USE_MAPPING and m.codec == "none" and mapping_supported(chunk_bytes)
+        if self.mapped:
+            np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+            self.maps = [WindowMap(plan.window_chunks, R, (D,), np_dtype)
+                         for _ in range(WINDOW_SLOTS)]
+            self.windows = [wm.array for wm in self.maps]
+            self.host_bytes = 0
+        else:
+            self.maps = []
+            self.windows = [torch.empty((plan.window_chunks * R, D), dtype=dtype).numpy()
+                            for _ in range(WINDOW_SLOTS)]
+            self.host_bytes = sum(w.nbytes for w in self.windows)
+        self.staging = [torch.empty((batch_size, D), dtype=dtype, pin_memory=pin)
                         for _ in range(STAGING_SLOTS)]
+        self.host_bytes += sum(s.nbytes for s in self.staging)
         self.free_windows: queue.Queue = queue.Queue()
         self.full_windows: queue.Queue = queue.Queue()
         self.free_staging: queue.Queue = queue.Queue()
@@ -61,10 +79,6 @@ class BatchPipeline:
                                          daemon=True),
                         threading.Thread(target=self._assemble, name="loader-batches",
                                          daemon=True)]
-
-    @property
-    def host_bytes(self) -> int:
-        return sum(t.nbytes for t in self.windows + self.staging)
 
     def start_threads(self) -> None:
         if self.n_threads > 1:
@@ -83,13 +97,16 @@ class BatchPipeline:
         self.free_staging.put(slot)
 
     def close(self) -> None:
-        """Stop both threads and the read pool; idempotent, safe from a finalizer."""
+        """Stop both threads and the read pool, then unmap; idempotent, safe in a finalizer."""
         self.stopping.set()
         for t in self.threads:
             if t.ident is not None and t is not threading.current_thread():
                 t.join(timeout=10)
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        if not self.alive():  # never unmap under a thread still gathering (it would crash)
+            for wm in self.maps:
+                wm.close()
 
     # -- threads --------------------------------------------------------------------------------
     def _get(self, q: queue.Queue):
@@ -106,24 +123,30 @@ class BatchPipeline:
             offset = self.start.offset
             for epoch, w, chunks in self.plan.windows_from(self.start):
                 slot = self._get(self.free_windows)
-                order = self._fill(self.windows[slot], epoch, w, chunks)
+                order = self._fill(slot, epoch, w, chunks)
                 self.full_windows.put((slot, order, offset))
                 offset = 0
         except Stopped:
             return
-        except BaseException as e:  # after the batches already prepared, in order
+        except BaseException as e:  # handed on after the batches already prepared, in order
             self.full_windows.put(e)
 
-    def _fill(self, buf: torch.Tensor, epoch: int, w: int, chunks: list[int]) -> np.ndarray:
-        """Read a window's chunks into buf (n_threads at a time); its shuffled row order."""
+    def _fill(self, slot: int, epoch: int, w: int, chunks: list[int]) -> np.ndarray:
+        """Read or map a window's chunks into window `slot` (n_threads at a time); returns
+        the window's shuffled row order."""
         R = self.reader.m.rows_per_chunk
 
         def one(i: int, k: int) -> np.ndarray:
+            if self.stopping.is_set():
+                raise Stopped
             masked = self.stream == "masked" or (
                 self.stream == "mix" and chunk_is_masked(self.plan.seed, epoch, k,
                                                          self.mix_fraction))
             name = activation_array("masked" if masked else "clean", self.hook)
-            self.reader.read(name, k, buf[i * R:(i + 1) * R].numpy())
+            if self.mapped:
+                self.reader.map_into(self.maps[slot], i, name, k)
+            else:
+                self.reader.read(name, k, self.windows[slot][i * R:(i + 1) * R])
             if self.special is None:
                 return np.arange(R, dtype=np.int64)
             rows = valid_rows(self.reader.tokens(k), self.special)
@@ -133,7 +156,7 @@ class BatchPipeline:
                     f"says {self.plan.counts[k]}: the cache is corrupt; run `pipeline verify`")
             return rows
 
-        if self.pool is None:
+        if self.pool is None or len(chunks) == 1:
             valid = [one(i, k) for i, k in enumerate(chunks)]
         else:
             valid = list(self.pool.map(one, range(len(chunks)), chunks))
@@ -150,10 +173,10 @@ class BatchPipeline:
                     self.ready.put(item)
                     return
                 wslot, order, offset = item
-                src = self.windows[wslot].numpy()
                 while offset < order.size:
                     n = min(B - filled, order.size - offset)
-                    gather(src, order[offset:offset + n], self.staging[slot][filled:filled + n])
+                    gather(self.windows[wslot], order[offset:offset + n],
+                           self.staging[slot][filled:filled + n])
                     filled, offset = filled + n, offset + n
                     if filled == B:
                         self.ready.put(slot)
@@ -167,6 +190,7 @@ class BatchPipeline:
 
 def gather(src: np.ndarray, rows: np.ndarray, out: torch.Tensor) -> None:
     """out[:] = src[rows], in that order. np.take with mode="clip" (rows are always in range)
-    writes straight into out without a bounce buffer; one thread, no OpenMP team (torch's
-    index_select spins up one per calling thread, which stalls on a busy 2-core machine)."""
+    writes straight into out, releases the GIL and runs on this thread alone; torch's
+    index_select would start an OpenMP team per calling thread, which stalls when the cores are
+    busy reading."""
     np.take(src, rows, axis=0, out=out.numpy(), mode="clip")

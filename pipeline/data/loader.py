@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cache_schema import Manifest, activation_array, hook_name, open_cache, read_chunk_record
-from pipeline.data.background import STAGING_SLOTS, BatchPipeline
+from pipeline.data.background import STAGING_SLOTS, BatchPipeline, gather
 from pipeline.data.reader import ChunkReader
 from pipeline.data.shuffle import RowPlan, valid_rows
 from pipeline.errors import PipelineError
@@ -46,9 +46,18 @@ class ActivationLoader:
     consumer's current stream; the device slot is reused only once that stream has passed the
     point where next() was called again.
 
-    Host memory: 2 window buffers of window_chunks x rows_per_chunk x d_model x itemsize and 4
-    staging batches of batch_size x d_model x itemsize (`host_bytes`; only the staging batches
-    are pinned), plus on CUDA 3 device batches of the storage dtype.
+    Arguments beyond the obvious: `window_chunks` chunks are shuffled together (more: better
+    mixing, more memory); `keep_special` keeps BOS/EOS/... rows (left out by default: their
+    norms are outliers); the last `holdout_chunks` chunks are never trained on (`holdout()`);
+    `mix_fraction` is the share of chunks read from the masked stream with stream "mix";
+    `n_threads` chunks of a window are read at once; `pin` forces pinned staging on or off
+    (default: pinned iff device is CUDA and CUDA is available).
+
+    Host memory (`host_bytes`): 4 staging batches of batch_size x d_model x itemsize (pinned when
+    the batches go to a GPU), plus, where chunks are read rather than memory-mapped (compressed
+    caches, or no Linux), 2 window buffers of window_chunks x rows_per_chunk x d_model x
+    itemsize; mapped windows live in the page cache. On CUDA, also 3 device batches of the
+    storage dtype.
     """
 
     def __init__(self, cache: str | Path, layer: int, stream: str = "clean",
@@ -126,6 +135,9 @@ class ActivationLoader:
     def __next__(self) -> torch.Tensor:
         if self._error is not None:
             raise self._error
+        if not self._finalizer.alive:
+            raise PipelineError("this loader was closed (its threads have stopped): create a "
+                                "new ActivationLoader to read more batches")
         if not self._pipe.started:  # started on first use: holdout-only users read nothing
             self._pipe.start_threads()
         self._release()
@@ -207,17 +219,17 @@ class ActivationLoader:
             raise PipelineError(f"holdout batch size must be at least 1, got {B}")
         name = activation_array("masked" if self.stream == "masked" else "clean", self.hook)
         R = self.manifest.rows_per_chunk
-        chunk = torch.empty((R, self.d_model), dtype=self._dtype)
+        chunk = torch.empty((R, self.d_model), dtype=self._dtype).numpy()
         out = torch.empty((B, self.d_model), dtype=self._dtype)
         filled = 0
         for k in self.holdout_chunk_ids:
-            self.reader.read(name, k, chunk.numpy())
+            self.reader.read(name, k, chunk)
             tokens = self.reader.tokens(k) if self._special is not None else np.empty(R)
-            rows = torch.from_numpy(valid_rows(tokens, self._special))
+            rows = valid_rows(tokens, self._special)
             offset = 0
-            while offset < rows.numel():
-                n = min(B - filled, rows.numel() - offset)
-                torch.index_select(chunk, 0, rows[offset:offset + n], out=out[filled:filled + n])
+            while offset < rows.size:
+                n = min(B - filled, rows.size - offset)
+                gather(chunk, rows[offset:offset + n], out[filled:filled + n])
                 filled, offset = filled + n, offset + n
                 if filled == B:
                     yield _to_float(out.to(self.device, copy=True))
@@ -239,8 +251,9 @@ class ActivationLoader:
         self.close()
 
 
-def _check_args(m: Manifest, cache, layer, stream, batch_size, start_step, window_chunks,
-                holdout_chunks, mix_fraction, n_threads) -> None:
+def _check_args(m: Manifest, cache: str | Path, layer: int, stream: str, batch_size: int,
+                start_step: int, window_chunks: int, holdout_chunks: int, mix_fraction: float,
+                n_threads: int) -> None:
     if layer not in m.layers:
         raise PipelineError(f"layer {layer} is not in the cache {cache}, which holds layers "
                             f"{m.layers}: pick one of those or extract layer {layer}")
