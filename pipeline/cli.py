@@ -155,7 +155,37 @@ def _register_train() -> None:
     app.command(name="train")(friendly_errors(command))
 
 
+
+def _sweep(cfg, grid: str | None = None, set_: list[str] | None = None) -> None:
+    """Train a grid of SAEs from one read of the cache, each batch fed to every SAE."""
+    from pipeline.train.sweep import sweep
+
+    summaries = sweep(cfg, grid, set_)
+    typer.echo(json.dumps([{k: s.get(k) for k in ("run", "arch", "d_sae", "steps", "holdout")}
+                           for s in summaries], indent=1))
+
+
+def _register_sweep() -> None:
+    import inspect
+
+    from pipeline.options import command_from_dataclass
+    from pipeline.train.config import TrainConfig
+
+    extra = (
+        inspect.Parameter("grid", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
+                          default=typer.Option(None, help="JSON or TOML file: {\"grid\": {name: "
+                                               "values}, other keys set every run}.")),
+        inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, annotation=list[str],
+                          default=typer.Option([], "--set", help="name=v1,v2: one grid axis "
+                                               "(repeat for more).")),
+    )
+    command = command_from_dataclass(TrainConfig, _sweep, short={"out": "-o", "layer": "-l"},
+                                     extra=extra)
+    app.command(name="sweep")(friendly_errors(command))
+
+
 _register_train()
+_register_sweep()
 
 
 def main() -> None:  # pragma: no cover

@@ -27,9 +27,11 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def command_from_dataclass(cls: type, run: Callable, skip: tuple[str, ...] = (),
-                           short: dict[str, str] | None = None) -> Callable:
-    """A function whose keyword parameters are typer options for every field of `cls`; calling it
-    builds `cls(**options)` and passes it to `run`. Fields without a default become required."""
+                           short: dict[str, str] | None = None,
+                           extra: tuple[inspect.Parameter, ...] = ()) -> Callable:
+    """A function whose keyword parameters are typer options for every field of `cls` (plus
+    `extra` ones); calling it builds `cls(**options)` and calls run(config, **extra_values).
+    Fields without a default become required."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     short = short or {}
@@ -50,10 +52,13 @@ def command_from_dataclass(cls: type, run: Callable, skip: tuple[str, ...] = (),
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                         annotation=hints[f.name]))
 
-    def command(**kwargs):
-        return run(cls(**kwargs))
+    names = {p.name for p in extra}
 
-    command.__signature__ = inspect.Signature(params)
+    def command(**kwargs):
+        extras = {k: kwargs.pop(k) for k in names}
+        return run(cls(**kwargs), **extras)
+
+    command.__signature__ = inspect.Signature(params + list(extra))
     command.__name__ = run.__name__
     command.__doc__ = run.__doc__
     return command

@@ -70,32 +70,80 @@ def use_cuda_graph(cfg: TrainConfig, device: torch.device) -> bool:
 
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) one SAE; returns the summary also written to summary.json."""
-    manifest = open_cache(cfg.cache)
-    layer = resolve_layer(cfg, manifest.layers)
-    device = torch.device(resolve_device(cfg.device))
-    resume_from = prepare_run_dir(cfg)
-    run_dir = Path(cfg.out)
-    start = 0
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict = {}
-    if resume_from is not None:
-        tensors, meta = ckpt.load_checkpoint(resume_from)
-        start = int(meta["step"])
-        if meta.get("cache_id") != manifest.cache_id:
-            raise PipelineError(
-                f"cannot resume {run_dir}: it was trained on cache {meta.get('cache_id')}, but "
-                f"{cfg.cache} now holds cache {manifest.cache_id}; use another --out")
-        print(f"resuming {run_dir} from step {start} ({resume_from.name})", file=sys.stderr)
+    return train_many([cfg])[0]
 
-    loader = ActivationLoader(
-        cfg.cache, layer, stream=cfg.stream, batch_size=cfg.batch_size, seed=cfg.seed,
-        start_step=start, window_chunks=cfg.window_chunks, device=device,
-        keep_special=cfg.keep_special, holdout_chunks=cfg.holdout_chunks,
-        mix_fraction=cfg.mix_fraction)
+
+# Settings every SAE of one sweep must share: they read the same batches in lockstep.
+SHARED = ("cache", "layer", "batch_size", "seed", "window_chunks", "keep_special",
+          "holdout_chunks", "device", "tokens", "steps", "log_every", "checkpoint_every")
+
+
+def train_many(cfgs: list[TrainConfig], progress: bool | None = None) -> list[dict]:
+    """Train K SAEs from one read of the cache: every batch goes to every SAE (one loader per
+    distinct stream). Each has its own folder, metrics and checkpoints; resuming restarts all of
+    them from the newest checkpoint step they all have."""
+    base = cfgs[0]
+    for cfg in cfgs[1:]:
+        differ = [k for k in SHARED if getattr(cfg, k) != getattr(base, k)]
+        if differ:
+            raise PipelineError(f"the SAEs of one sweep must share {', '.join(differ)} "
+                                f"(run {cfg.out} differs from {base.out})")
+    if len({c.out for c in cfgs}) < len(cfgs):
+        raise PipelineError("two SAEs of the sweep have the same output folder")
+    manifest = open_cache(base.cache)
+    layer = resolve_layer(base, manifest.layers)
+    device = torch.device(resolve_device(base.device))
+    resume_from = [prepare_run_dir(cfg) for cfg in cfgs]
+    start = _common_start(cfgs, resume_from)
+    loaders: dict[tuple, ActivationLoader] = {}
     try:
-        return _train(cfg, manifest, layer, device, run_dir, loader, start, tensors, meta)
+        for cfg in cfgs:
+            key = _stream_key(cfg)
+            if key not in loaders:
+                loaders[key] = ActivationLoader(
+                    cfg.cache, layer, stream=cfg.stream, batch_size=cfg.batch_size,
+                    seed=cfg.seed, start_step=start, window_chunks=cfg.window_chunks,
+                    device=device, keep_special=cfg.keep_special,
+                    holdout_chunks=cfg.holdout_chunks, mix_fraction=cfg.mix_fraction)
+        total = _total_steps(base, next(iter(loaders.values())))
+        runs = [Run(cfg, manifest, layer, device, total, loaders[_stream_key(cfg)], start)
+                for cfg in cfgs]
+        show = base.progress if progress is None else progress
+        desc = f"train {base.arch}" if len(runs) == 1 else f"sweep of {len(runs)}"
+        bar = tqdm(total=total, initial=start, unit="step", desc=desc, disable=not show,
+                   file=sys.stderr, smoothing=0.05)
+        try:
+            for s in range(start, total):
+                batches = {key: next(loader) for key, loader in loaders.items()}
+                for run in runs:
+                    run.train_step(s, batches[_stream_key(run.cfg)])
+                bar.update(1)
+                for run in runs:
+                    postfix = run.after_step(s + 1)
+                    if postfix and len(runs) == 1:
+                        bar.set_postfix(postfix)
+        finally:
+            bar.close()
+            for run in runs:
+                run.metrics.close()
+        return [run.finish() for run in runs]
     finally:
-        loader.close()
+        for loader in loaders.values():
+            loader.close()
+
+
+def _stream_key(cfg: TrainConfig) -> tuple:
+    return (cfg.stream, cfg.mix_fraction if cfg.stream == "mix" else None)
+
+
+def _common_start(cfgs: list[TrainConfig], resume_from: list[Path | None]) -> int:
+    """The step every run restarts from: the newest checkpoint step all of them have."""
+    if all(r is None for r in resume_from):
+        return 0
+    steps = [{int(p.name.split("_")[1]) for p in ckpt.list_checkpoints(Path(c.out))}
+             for c in cfgs]
+    common = set.intersection(*steps)
+    return max(common) if common else 0
 
 
 def _total_steps(cfg: TrainConfig, loader: ActivationLoader) -> int:
@@ -105,58 +153,77 @@ def _total_steps(cfg: TrainConfig, loader: ActivationLoader) -> int:
     return max(tokens // cfg.batch_size, 1)
 
 
-def _train(cfg, manifest, layer, device, run_dir, loader, start, tensors, meta) -> dict:
-    total = _total_steps(cfg, loader)
-    scale = loader.norm_scale if cfg.normalize else 1.0
-    sae = build_sae(cfg.sae_config(manifest.d_model),
-                    generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    step = TrainStep(sae, cfg.batch_size, manifest.d_model, scale, total, cfg.lr,
-                     (cfg.beta1, cfg.beta2), cfg.grad_clip, cfg.lr_warmup_steps,
-                     cfg.lr_decay_fraction, cfg.l1_warmup_steps, history=cfg.log_every,
-                     use_graph=use_cuda_graph(cfg, device))
-    if tensors:
+class Run:
+    """One SAE being trained: its folder, step function, metrics log and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, manifest, layer: int, device: torch.device,
+                 total: int, loader: ActivationLoader, start: int):
+        self.cfg, self.manifest, self.layer, self.total = cfg, manifest, layer, total
+        self.loader, self.dir = loader, Path(cfg.out)
+        self.scale = loader.norm_scale if cfg.normalize else 1.0
+        self.sae = build_sae(cfg.sae_config(manifest.d_model),
+                             generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+        self.step = TrainStep(self.sae, cfg.batch_size, manifest.d_model, self.scale, total,
+                              cfg.lr, (cfg.beta1, cfg.beta2), cfg.grad_clip,
+                              cfg.lr_warmup_steps, cfg.lr_decay_fraction, cfg.l1_warmup_steps,
+                              history=cfg.log_every, use_graph=use_cuda_graph(cfg, device))
+        meta: dict = {}
+        if start:
+            meta = self._resume(start)
+        self.metrics = MetricsLog(self.dir, truncate_at=meta.get("metrics_offset", 0))
+        self.t0, self.last_log = time.perf_counter(), start
+
+    def _resume(self, start: int) -> dict:
+        path = self.dir / ckpt.CHECKPOINTS / f"step_{start:08d}"
+        tensors, meta = ckpt.load_checkpoint(path)
+        if meta.get("cache_id") != self.manifest.cache_id:
+            raise PipelineError(
+                f"cannot resume {self.dir}: it was trained on cache {meta.get('cache_id')}, but "
+                f"{self.cfg.cache} now holds cache {self.manifest.cache_id}; use another --out")
         try:
-            sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+            self.sae.load_state_dict({k[4:]: v for k, v in tensors.items()
+                                      if k.startswith("sae.")})
         except RuntimeError as e:
             raise PipelineError(f"the checkpoint does not fit this SAE (d_model "
-                                f"{manifest.d_model}, d_sae {sae.cfg.d_sae}): {e}") from e
-        step.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("train.")})
+                                f"{self.manifest.d_model}, d_sae {self.sae.cfg.d_sae}): {e}"
+                                ) from e
+        self.step.load_state_tensors({k[6:]: v for k, v in tensors.items()
+                                      if k.startswith("train.")})
         ckpt.set_rng_state(tensors)
-    metrics = MetricsLog(run_dir, truncate_at=meta.get("metrics_offset", 0 if not start else None))
-    bar = tqdm(total=total, initial=start, unit="step", desc=f"train {cfg.arch}",
-               disable=not cfg.progress, file=sys.stderr, smoothing=0.05)
-    t0, last_log = time.perf_counter(), start
-    try:
-        for s in range(start, total):
-            batch = next(loader)
-            if s == 0:
-                _init_b_dec(sae, batch, scale)
-            step.load(batch)
-            step.run()
-            sae.refresh(s + 1)
-            bar.update(1)
-            done = s + 1
-            if done % cfg.log_every and done != total:
-                continue
-            row = _log_row(step, sae, done, cfg.batch_size, t0, last_log)
-            t0, last_log = time.perf_counter(), done
-            if row["nonfinite_steps"]:
-                last = ckpt.list_checkpoints(run_dir)
-                raise PipelineError(
-                    f"the loss became NaN or infinite between steps {done - row['steps']} and "
-                    f"{done}; stopped. Last good checkpoint: "
-                    f"{last[-1] if last else 'none yet'}. Lower --lr or check the cache "
-                    "(`pipeline verify`)")
-            metrics.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.4g}", L0=f"{row['l0']:.1f}",
-                            dead=f"{100 * row['dead_fraction']:.1f}%",
-                            tok_s=f"{row['tokens_per_s']:.3g}")
-            if done % cfg.checkpoint_every == 0 or done == total:
-                _save(run_dir, step, sae, done, metrics.offset(), manifest, cfg)
-    finally:
-        bar.close()
-        metrics.close()
-    return _finish(cfg, run_dir, sae, scale, manifest, layer, loader, total)
+        print(f"resuming {self.dir} from step {start} ({path.name})", file=sys.stderr)
+        return meta
+
+    def train_step(self, s: int, batch: torch.Tensor) -> None:
+        if s == 0:
+            _init_b_dec(self.sae, batch, self.scale)
+        self.step.load(batch)
+        self.step.run()
+        self.sae.refresh(s + 1)
+
+    def after_step(self, done: int) -> dict | None:
+        """Log (and checkpoint) when due; returns the progress-bar fields when it logged."""
+        cfg = self.cfg
+        if done % cfg.log_every and done != self.total:
+            return None
+        row = _log_row(self.step, self.sae, done, cfg.batch_size, self.t0, self.last_log)
+        self.t0, self.last_log = time.perf_counter(), done
+        if row["nonfinite_steps"]:
+            last = ckpt.list_checkpoints(self.dir)
+            raise PipelineError(
+                f"{self.dir}: the loss became NaN or infinite between steps "
+                f"{done - row['steps']} and {done}; stopped. Last good checkpoint: "
+                f"{last[-1] if last else 'none yet'}. Lower --lr or check the cache "
+                "(`pipeline verify`)")
+        self.metrics.write(row)
+        if done % cfg.checkpoint_every == 0 or done == self.total:
+            _save(self.dir, self.step, self.sae, done, self.metrics.offset(), self.manifest, cfg)
+        return {"loss": f"{row['loss']:.4g}", "L0": f"{row['l0']:.1f}",
+                "dead": f"{100 * row['dead_fraction']:.1f}%",
+                "tok_s": f"{row['tokens_per_s']:.3g}"}
+
+    def finish(self) -> dict:
+        return _finish(self.cfg, self.dir, self.sae, self.scale, self.manifest, self.layer,
+                       self.loader, self.total)
 
 
 @torch.no_grad()
