@@ -77,7 +77,8 @@ def plot_training(run_dir: Path, window: int = 500) -> Path | None:
     step = np.array([r["step"] for r in rows])
     s_all, mse_all = per_step_mse(rows)
     window = min(window, max(len(mse_all) // 4, 2))
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig.subplots_adjust(hspace=0.35, wspace=0.25, left=0.07, right=0.98, top=0.92, bottom=0.07)
     panels = [
         (axes[0, 0], step, [r["loss"] for r in rows], "loss", "log"),
         (axes[0, 1], s_all, rolling_variance(mse_all, window),
@@ -94,6 +95,6 @@ def plot_training(run_dir: Path, window: int = 500) -> Path | None:
         ax.grid(alpha=0.3)
     fig.suptitle(run_dir.name)
     out = run_dir / PLOT
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=90)  # constrained layout and higher dpi cost ~0.5 s per plot
     plt.close(fig)
     return out
