@@ -91,3 +91,35 @@ def test_cli_sweep(cache, tmp_path):
     assert result.exit_code == 0, result.output
     out = json.loads(result.output[result.output.index("["):])
     assert [r["d_sae"] for r in out] == [16, 32]
+
+
+@pytest.mark.slow
+def test_three_train_processes_on_one_cache_equal_their_solo_runs(cache, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from cache_schema import verify
+
+    before = sorted((p.relative_to(cache), p.stat().st_mtime_ns) for p in cache.rglob("*"))
+    args = ["--cache", str(cache), "--steps", "60", "--batch-size", "64", "--expansion", "2",
+            "--log-every", "10", "--checkpoint-every", "20", "--device", "cpu", "--no-progress"]
+    variants = {"relu": ["--arch", "relu"], "topk": ["--arch", "topk", "--k", "4"],
+                "masked": ["--arch", "masked", "--stream", "masked"]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *args, *extra,
+                                     "-o", str(tmp_path / f"together-{name}")],
+                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for name, extra in variants.items()}
+    for proc in procs.values():
+        assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    for name, extra in variants.items():
+        solo = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *args, *extra,
+                               "-o", str(tmp_path / f"solo-{name}")], env=env,
+                              capture_output=True, check=False)
+        assert solo.returncode == 0, solo.stderr.decode()
+        assert (tmp_path / f"together-{name}" / "sae_weights.safetensors").read_bytes() == \
+            (tmp_path / f"solo-{name}" / "sae_weights.safetensors").read_bytes(), name
+    after = sorted((p.relative_to(cache), p.stat().st_mtime_ns) for p in cache.rglob("*"))
+    assert before == after  # nothing written to the cache, not even a lock file
+    assert verify(cache)[1] == []
