@@ -32,6 +32,7 @@ from pipeline.errors import PipelineError
 from pipeline.extract import model as models
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.corpus import pack_sequences
+from pipeline.extract.distributed import Workers, workers
 from pipeline.extract.masking import mask_sequences
 from pipeline.extract.writer import ChunkWriter, chunk_stats
 
@@ -128,19 +129,31 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> Manifest:
     """Run the extraction (or resume it) and return the manifest of the finished cache."""
     m, seqs, src, _tok = plan(cfg)
     out = Path(cfg.out)
-    done = set(prepare_output(out, m, cfg.overwrite)) if cfg.write else set()
-    todo = [k for k in range(m.n_chunks) if k not in done]
+    team = workers(resolve_device(cfg.device))
+    error = None
+    if team.is_main and cfg.write:
+        try:
+            prepare_output(out, m, cfg.overwrite)
+        except PipelineError as e:
+            error = str(e)
+    error = team.from_main(error)  # the others start once the cache exists, or stop with rank 0
+    if error is not None:
+        raise PipelineError(error)
+    done = set(list_done_chunks(out)) if cfg.write else set()
+    todo = team.mine([k for k in range(m.n_chunks) if k not in done])
     if todo:
+        where = f" (process {team.rank} of {team.world})" if team.world > 1 else ""
         print(f"cache {m.cache_id}: {m.n_chunks} chunks of {m.rows_per_chunk} tokens, "
-              f"{len(done)} already written; hooks {', '.join(m.hooks)}", file=sys.stderr)
-        _run_chunks(cfg, m, seqs, src, out, todo, progress)
+              f"{len(done)} already written; hooks {', '.join(m.hooks)}{where}", file=sys.stderr)
+        _run_chunks(cfg, m, seqs, src, out, todo, progress and team.is_main, team)
     if cfg.write:
         m = finalize(out, m)
     return m
 
 
-def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progress: bool) -> None:
-    device = resolve_device(cfg.device)
+def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progress: bool,
+                team: Workers) -> None:
+    device = team.device(resolve_device(cfg.device))
     base = models.load_truncated(src, max(m.layers) + 1, _TORCH_DTYPES[m.compute_dtype], device,
                                  cfg.device_map, cfg.trust_remote_code)
     blocks = models.decoder_layers(base)

@@ -1,0 +1,64 @@
+"""Several extraction processes on one cache (launched by `torchrun` or `accelerate launch`):
+process r of N takes the chunks k with k % N == r. Rank 0 creates (or checks) the cache, a
+barrier releases the others, and whichever process finishes last marks the cache complete (each
+calls finalize, which does so only once every chunk has its record). A killed process leaves its
+chunks without records: the cache stays 'writing' and any later run resumes it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Workers:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    comm_device: str = "cpu"
+    """Where the process group's tensors live (cuda for nccl)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, chunks: list[int]) -> list[int]:
+        return [k for k in chunks if k % self.world == self.rank]
+
+    def from_main(self, text: str | None) -> str | None:
+        """Rank 0's message (or None), on every process; a barrier too. Sent as bytes in
+        tensors, not pickled objects."""
+        if self.world == 1:
+            return text
+        data = (text or "").encode()
+        size = torch.tensor([len(data) if text is not None else -1], device=self.comm_device)
+        torch.distributed.broadcast(size, src=0)
+        if int(size) < 0:
+            return None
+        buf = torch.tensor(list(data), dtype=torch.uint8, device=self.comm_device) \
+            if self.is_main else torch.empty(int(size), dtype=torch.uint8,
+                                             device=self.comm_device)
+        torch.distributed.broadcast(buf, src=0)
+        return bytes(buf.cpu().tolist()).decode()
+
+    def device(self, device: str) -> str:
+        """One GPU per process: plain 'cuda' becomes cuda:LOCAL_RANK."""
+        return f"cuda:{self.local_rank}" if self.world > 1 and device == "cuda" else device
+
+
+def workers(device: str) -> Workers:
+    """This process's place among the launched ones (RANK/WORLD_SIZE from the launcher); joins
+    the process group (gloo on CPU, nccl on CUDA) when there is more than one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Workers()
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    w = Workers(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+                f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if backend == "nccl" else "cpu")
+    if not torch.distributed.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(w.local_rank)
+        torch.distributed.init_process_group(backend)
+    return w
