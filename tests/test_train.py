@@ -127,6 +127,9 @@ def test_bad_input_gives_clear_errors(cache, tmp_path):
         config(cache, tmp_path / "b", checkpoint_every=15)
     with pytest.raises(PipelineError, match="unknown architecture"):
         config(cache, tmp_path / "b", arch="nope")
+    with pytest.raises(PipelineError, match="k must be between"):
+        train(config(cache, tmp_path / "k", arch="topk", k=10**6))
+    assert not (tmp_path / "k").exists()  # nothing created for a run that cannot start
     with pytest.raises(PipelineError, match="needs a CUDA device"):
         train(config(cache, tmp_path / "c", cuda_graph="on"))
     train(config(cache, tmp_path / "d", steps=20))
