@@ -132,6 +132,7 @@ def test_bad_input_gives_clear_errors(cache, tmp_path):
     assert not (tmp_path / "k").exists()  # nothing created for a run that cannot start
     with pytest.raises(PipelineError, match="needs a CUDA device"):
         train(config(cache, tmp_path / "c", cuda_graph="on"))
+    assert not (tmp_path / "c").exists()
     train(config(cache, tmp_path / "d", steps=20))
     with pytest.raises(PipelineError, match=r"settings differ.*lr"):
         train(config(cache, tmp_path / "d", steps=20, lr=5e-4, resume=True))

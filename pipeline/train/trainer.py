@@ -93,8 +93,9 @@ def train_many(cfgs: list[TrainConfig], progress: bool | None = None) -> list[di
     manifest = open_cache(base.cache)
     layer = resolve_layer(base, manifest.layers)
     device = torch.device(resolve_device(base.device))
-    for cfg in cfgs:  # bad SAE settings fail before any folder is created
+    for cfg in cfgs:  # bad SAE or device settings fail before any folder is created
         cfg.sae_config(manifest.d_model)
+        use_cuda_graph(cfg, device)
     resume_from = [prepare_run_dir(cfg) for cfg in cfgs]
     start = _common_start(cfgs, resume_from)
     loaders: dict[tuple, ActivationLoader] = {}
