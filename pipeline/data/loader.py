@@ -22,6 +22,7 @@ from pipeline.data.background import STAGING_SLOTS, BatchPipeline, gather
 from pipeline.data.reader import ChunkReader
 from pipeline.data.shuffle import RowPlan, valid_rows
 from pipeline.errors import PipelineError
+from pipeline.remote import local_cache
 
 STREAMS = ("clean", "masked", "mix")
 DEVICE_SLOTS = 3
@@ -65,7 +66,7 @@ class ActivationLoader:
                  window_chunks: int = 4, device: str | torch.device = "cpu",
                  keep_special: bool = False, holdout_chunks: int = 0,
                  mix_fraction: float = 0.5, n_threads: int = 2, pin: bool | None = None):
-        self.root = Path(cache)
+        self.root = local_cache(cache)  # a remote cache reads through a local mirror
         self.manifest: Manifest = open_cache(self.root)
         m = self.manifest
         _check_args(m, cache, layer, stream, batch_size, start_step, window_chunks,

@@ -14,6 +14,7 @@ import zarr
 from cache_schema import TOKENS, Manifest, array_specs, chunk_file
 from pipeline.data.mapping import WindowMap
 from pipeline.errors import PipelineError
+from pipeline.remote import fetcher
 
 
 class ChunkReader:
@@ -21,12 +22,19 @@ class ChunkReader:
 
     def __init__(self, root: str | Path, m: Manifest):
         self.root, self.m = Path(root), m
+        self._fetch = fetcher(self.root)  # remote caches: download a chunk file on first read
         self._specs = array_specs(m)
         self._zarr: dict[str, zarr.Array] = {}
         self._lock = threading.Lock()
         self.reads = 0
         self.log: list[tuple[str, int]] | None = None
         """Set to a list to record (array, chunk) of every read from then on (tests)."""
+
+    def _path(self, array: str, ndim: int, k: int) -> Path:
+        path = chunk_file(self.root, array, ndim, k)
+        if self._fetch is not None:
+            self._fetch(path)
+        return path
 
     def _count(self, array: str, k: int) -> None:
         with self._lock:
@@ -38,7 +46,7 @@ class ChunkReader:
         """Fill `out` (the chunk's rows, C-contiguous, of the array's on-disk itemsize) with
         chunk k of `array`. bfloat16 arrays (uint16 on disk) may be read into any 2-byte dtype."""
         self._count(array, k)
-        path = chunk_file(self.root, array, out.ndim, k)
+        path = self._path(array, out.ndim, k)
         if self.m.codec != "none" and len(self._specs[array][0]) == 2:  # tokens: never compressed
             self._read_zarr(array, k, path, out)
             return
@@ -54,7 +62,7 @@ class ChunkReader:
     def map_into(self, window: WindowMap, slot: int, array: str, k: int) -> None:
         """Map chunk k of an uncompressed activation array into a slot of `window`."""
         self._count(array, k)
-        path = chunk_file(self.root, array, 2, k)
+        path = self._path(array, 2, k)
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:

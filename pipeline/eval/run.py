@@ -21,6 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.eval.recon import reconstruction_metrics
 from pipeline.eval.splice import spliced_ce
 from pipeline.extract import model as models
+from pipeline.remote import local_cache
 from pipeline.sae.io import load_saelens
 
 EVAL_FILE, FREQ_FILE = "eval.json", "latent_freq.safetensors"
@@ -95,7 +96,8 @@ def evaluate(sae_dir: str | Path, cache: str | None = None, holdout_chunks: int 
     cache = cache or run.get("cache")
     if not cache:
         raise PipelineError(f"{sae_dir} does not say which cache it was trained on: pass --cache")
-    m = open_cache(cache)
+    root = local_cache(cache)
+    m = open_cache(root)
     layer = check_sae_fits_cache(sae.cfg, m, cache)
     if holdout_chunks is None:
         holdout_chunks = run.get("holdout_chunks") or 1
@@ -111,7 +113,7 @@ def evaluate(sae_dir: str | Path, cache: str | None = None, holdout_chunks: int 
               "hook": sae.cfg["metadata"]["hook_name"], "stream": stream,
               "holdout_chunks": chunks, **metrics}
     if ce_sequences > 0:
-        tokens = holdout_sequences(cache, m, chunks, ce_sequences)
+        tokens = holdout_sequences(root, m, chunks, ce_sequences)
         lm = load_model_of(m, model, dev)
         bar = tqdm(total=len(tokens), unit="seq", desc="spliced CE", disable=not progress,
                    file=sys.stderr)

@@ -20,6 +20,8 @@ from cache_schema import (
     Manifest,
     activation_array,
     aggregate_norm_stats,
+    array_specs,
+    chunk_file,
     hook_name,
     list_done_chunks,
     read_chunk_record,
@@ -27,6 +29,7 @@ from cache_schema import (
     records_digest,
     write_manifest,
 )
+from cache_schema.store import record_path
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.extract import model as models
@@ -35,6 +38,7 @@ from pipeline.extract.corpus import pack_sequences
 from pipeline.extract.distributed import Workers, workers
 from pipeline.extract.masking import mask_sequences
 from pipeline.extract.writer import ChunkWriter, chunk_stats
+from pipeline.remote import is_remote, mirror
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -128,31 +132,52 @@ def _to_numpy(h: torch.Tensor, dtype: str) -> np.ndarray:
 def extract(cfg: ExtractConfig, progress: bool = True) -> Manifest:
     """Run the extraction (or resume it) and return the manifest of the finished cache."""
     m, seqs, src, _tok = plan(cfg)
-    out = Path(cfg.out)
+    remote = mirror(cfg.out) if is_remote(cfg.out) else None
+    out = remote.root if remote else Path(cfg.out)
     team = workers(resolve_device(cfg.device))
     error = None
     if team.is_main and cfg.write:
         try:
-            prepare_output(out, m, cfg.overwrite)
+            _prepare(out, m, cfg.overwrite, remote)
         except PipelineError as e:
             error = str(e)
     error = team.from_main(error)  # the others start once the cache exists, or stop with rank 0
     if error is not None:
         raise PipelineError(error)
+    if remote is not None and not team.is_main:
+        remote.pull_metadata()
     done = set(list_done_chunks(out)) if cfg.write else set()
     todo = team.mine([k for k in range(m.n_chunks) if k not in done])
     if todo:
         where = f" (process {team.rank} of {team.world})" if team.world > 1 else ""
         print(f"cache {m.cache_id}: {m.n_chunks} chunks of {m.rows_per_chunk} tokens, "
               f"{len(done)} already written; hooks {', '.join(m.hooks)}{where}", file=sys.stderr)
-        _run_chunks(cfg, m, seqs, src, out, todo, progress and team.is_main, team)
+        _run_chunks(cfg, m, seqs, src, out, todo, progress and team.is_main, team, remote)
     if cfg.write:
         m = finalize(out, m)
+        if remote is not None and m.status == STATUS_COMPLETE:
+            remote.push([out / "zarr.json"])
     return m
 
 
+def _prepare(out: Path, m: Manifest, overwrite: bool, remote) -> None:
+    """prepare_output, for a remote cache on a fresh local mirror of its metadata (the remote
+    is the truth), then the manifest uploaded."""
+    if remote is None:
+        prepare_output(out, m, overwrite)
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    existed = remote.pull_metadata()
+    old_id = read_manifest(out).cache_id if existed else None
+    prepare_output(out, m, overwrite)
+    if old_id not in (None, m.cache_id):
+        remote.clear_remote()  # --overwrite of a different cache
+    remote.push([out / "zarr.json"])
+
+
 def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progress: bool,
-                team: Workers) -> None:
+                team: Workers, remote=None) -> None:
     device = team.device(resolve_device(cfg.device))
     base = models.load_truncated(src, max(m.layers) + 1, _TORCH_DTYPES[m.compute_dtype], device,
                                  cfg.device_map, cfg.trust_remote_code)
@@ -167,7 +192,9 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
     handles = [blocks[layer].register_forward_hook(hook(layer)) for layer in m.layers]
     input_device = next(base.parameters()).device
     vocab_size = base.get_input_embeddings().weight.shape[0]
-    writer = ChunkWriter(out, m) if cfg.write else None
+    writer = ChunkWriter(out, m, on_chunk=_uploader(out, m, remote)) if cfg.write else None
+    if writer is not None and remote is not None:
+        remote.push([p for p in sorted(out.rglob("zarr.json")) if p != out / "zarr.json"])
     spc, bs, R = m.sequences_per_chunk, m.batch_size, m.rows_per_chunk
     special = np.asarray(m.special_token_ids)
     bar = tqdm(total=len(todo) * R, unit="tok", unit_scale=True, desc="extract",
@@ -215,6 +242,19 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
         bar.close()
         for h in handles:
             h.remove()
+
+
+def _uploader(out: Path, m: Manifest, remote):
+    """For a remote cache: upload chunk k's files, then its record (so a record on the remote
+    always means the chunk's data is there)."""
+    if remote is None:
+        return None
+    specs = array_specs(m)
+
+    def upload(k: int) -> None:
+        remote.push([chunk_file(out, name, len(shape), k) for name, (shape, _) in specs.items()]
+                    + [record_path(out, k)])
+    return upload
 
 
 def finalize(out: Path, m: Manifest) -> Manifest:

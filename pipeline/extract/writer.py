@@ -67,8 +67,9 @@ class ChunkWriter:
     at any point leaves either a finished chunk or one that a resume rewrites.
     """
 
-    def __init__(self, root: str | Path, m: Manifest, depth: int = 2):
+    def __init__(self, root: str | Path, m: Manifest, depth: int = 2, on_chunk=None):
         self.root, self.m = Path(root), m
+        self.on_chunk = on_chunk  # on_chunk(k): in the writer thread, once chunk k is complete
         self.arrays = open_arrays(root, m)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
@@ -100,5 +101,7 @@ class ChunkWriter:
                 record = {"chunk": k, "checksums": chunk_checksums(self.root, self.m, k, sync=True),
                           "stats": stats}
                 write_chunk_record(self.root, k, record)
+                if self.on_chunk is not None:
+                    self.on_chunk(k)
             except BaseException as e:  # surfaced on the next submit/close
                 self.error = e

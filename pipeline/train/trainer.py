@@ -16,6 +16,7 @@ from pipeline.data import ActivationLoader
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.eval.recon import reconstruction_metrics
+from pipeline.remote import local_cache
 from pipeline.sae import SAE, build_sae
 from pipeline.sae.io import save_saelens
 from pipeline.train import checkpoint as ckpt
@@ -90,7 +91,7 @@ def train_many(cfgs: list[TrainConfig], progress: bool | None = None) -> list[di
                                 f"(run {cfg.out} differs from {base.out})")
     if len({c.out for c in cfgs}) < len(cfgs):
         raise PipelineError("two SAEs of the sweep have the same output folder")
-    manifest = open_cache(base.cache)
+    manifest = open_cache(local_cache(base.cache))
     layer = resolve_layer(base, manifest.layers)
     device = torch.device(resolve_device(base.device))
     for cfg in cfgs:  # bad SAE or device settings fail before any folder is created
