@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.sae.base import SAE
+from pipeline.sae.sparse import SparseDecode, SparseTopK, scatter_dense
 
 
 def keep_topk(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -36,6 +37,27 @@ class TopKSAE(SAE):
         err_hat = keep_topk(aux_pre, k) @ self.W_dec
         nmse = (err_hat - err).pow(2).mean() / (err - err.mean(0)).pow(2).mean().clamp_min(1e-12)
         return {"aux": self.cfg.aux_coeff * nmse * dead.any().float()}
+
+    def loss(self, x, l1_scale):
+        """The k-sparse step (pipeline.sae.sparse) unless cfg.sparse is False; same loss,
+        gradients and statistics as the dense reference (tested)."""
+        if not self.cfg.sparse or type(self) is not TopKSAE:
+            return super().loss(x, l1_scale)
+        dead = self.dead_mask()
+        bias = self.b_enc - self.b_dec @ self.W_enc
+        vals, idx, avals, aidx = SparseTopK.apply(x, self.W_enc, bias, self.cfg.k, dead,
+                                                  min(self.cfg.aux_k, self.cfg.d_sae))
+        x_hat = SparseDecode.apply(vals, idx, self.W_dec) + self.b_dec
+        err = (x - x_hat).detach()
+        err_hat = SparseDecode.apply(avals, aidx, self.W_dec)
+        nmse = (err_hat - err).pow(2).mean() / (err - err.mean(0)).pow(2).mean().clamp_min(1e-12)
+        parts = {"mse": (x - x_hat).pow(2).mean(),
+                 "aux": self.cfg.aux_coeff * nmse * dead.any().float()}
+        z = scatter_dense(vals.detach(), idx, self.cfg.d_sae)
+        with torch.no_grad():
+            self._count_firing(z)
+            self.update_stats(z)
+        return sum(parts.values()), parts, x_hat, z
 
     def saelens_export(self, scale):
         tensors, cfg = super().saelens_export(scale)
