@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.sae import SAEConfig, build_sae
-from pipeline.sae.sparse import SparseDecode
+from pipeline.sae.sparse import sparse_decode
 
 
 def make(sparse: bool, x: torch.Tensor):
@@ -55,7 +55,7 @@ def test_sparse_decode_gradients_match_autograd_of_the_dense_product():
     w = torch.randn(50, 7, generator=g, requires_grad=True)
     idx = torch.randint(0, 50, (1100, 3), generator=g)  # more rows than one block
     vals = torch.rand(1100, 3, generator=g, requires_grad=True)
-    out = SparseDecode.apply(vals, idx, w)
+    out = sparse_decode(vals, idx, w)
     z = torch.zeros(1100, 50).scatter_add(1, idx, vals)
     ref = z @ w
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -77,3 +77,15 @@ def test_sparse_topk_step_captures_in_a_cuda_graph():
         step.run()
     torch.cuda.synchronize()
     assert step.graph is not None
+
+
+def test_both_encoder_gradient_kernels_agree():
+    from pipeline.sae.sparse import _outer_sum
+
+    gen = torch.Generator().manual_seed(2)
+    g, x = torch.randn(600, 5, generator=gen), torch.randn(600, 9, generator=gen)
+    ids = torch.randint(0, 40, (600, 5), generator=gen)
+    dense = torch.zeros(600, 40).scatter_add(1, ids, g).t() @ x
+    for index_add in (False, True):  # sparse x dense (CPU) and blocked index_add (CUDA)
+        torch.testing.assert_close(_outer_sum(g, ids, x, 40, index_add), dense,
+                                   rtol=1e-4, atol=1e-4)

@@ -52,10 +52,10 @@ class SAEConfig:
     """gated: initial gate logit g (gate = sigmoid(g))."""
     gate_reg: float = 1e-4
     """gated: coefficient of the mean binary entropy of the gates."""
-    sparse: bool = False
-    """topk: the k-sparse step (decoder and encoder gradients touch only active latents) instead
-    of the dense one. Off by default until it is faster: on 2 CPU cores at d_in 576, batch 4096,
-    k 32 it ran 0.24 steps/s vs 0.62 dense at d_sae 4608, and 0.16 vs 0.15 at 18432."""
+    sparse: bool = True
+    """topk: the k-sparse step (the decoder and the encoder's gradients touch only the active
+    latents); False runs the dense reference. 2 CPU cores, d_in 576, batch 4096, k 32: 1.88 vs
+    0.66 steps/s at d_sae 4608, 0.51 vs 0.14 at 18432."""
     threshold_momentum: float = 0.99
     """batchtopk: momentum of the running inference threshold."""
 

@@ -1,42 +1,19 @@
 """k-sparse kernels for TopK SAEs: the decoder's forward and backward and the encoder's weight
 gradient touch only the B*k active (row, latent) pairs, so a step costs little more than the
 encoder's forward matmul. Static shapes throughout (B*k entries), so the step still captures in a
-CUDA graph. Work is done in blocks of rows to bound the B x k x d temporaries."""
+CUDA graph."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-BLOCK = 512
 
-
-def _blocks(n: int):
-    for lo in range(0, n, BLOCK):
-        yield slice(lo, min(lo + BLOCK, n))
-
-
-class SparseDecode(torch.autograd.Function):
-    """x_hat[b] = sum_j vals[b, j] * W_dec[idx[b, j]] (no bias)."""
-
-    @staticmethod
-    def forward(ctx, vals: torch.Tensor, idx: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(vals, idx, w_dec)
-        return torch.nn.functional.embedding_bag(idx, w_dec, per_sample_weights=vals,
-                                                 mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        vals, idx, w_dec = ctx.saved_tensors
-        grad_vals = torch.empty_like(vals)
-        grad_w = torch.zeros_like(w_dec)
-        d = w_dec.shape[1]
-        for s in _blocks(len(idx)):
-            rows = w_dec[idx[s]]                                   # [b, k, d]
-            g = grad[s]
-            grad_vals[s] = torch.bmm(rows, g.unsqueeze(2)).squeeze(2)
-            grad_w.index_add_(0, idx[s].reshape(-1),
-                              (vals[s].unsqueeze(2) * g.unsqueeze(1)).reshape(-1, d))
-        return grad_vals, None, grad_w
+def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
+    """x_hat[b] = sum_j vals[b, j] * W_dec[idx[b, j]] (no bias), as an embedding bag: its
+    built-in backward gives the gradients of vals and W_dec from the active rows only."""
+    return torch.nn.functional.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum")
 
 
 class SparseTopK(torch.autograd.Function):
@@ -59,18 +36,36 @@ class SparseTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_vals, _gi, grad_avals, _gai):
         x, idx, vals, aidx, avals = ctx.saved_tensors
-        d_in, d_sae = ctx.shape
-        grad_wt = torch.zeros(d_sae, d_in, dtype=x.dtype, device=x.device)  # W_enc^T layout
+        d_sae = ctx.shape[1]
+        pairs = [(g * (v > 0), ids) for g, ids, v in ((grad_vals, idx, vals),
+                                                      (grad_avals, aidx, avals)) if g is not None]
+        g = torch.cat([p[0] for p in pairs], 1)                     # relu'd, [B, k + aux_k]
+        ids = torch.cat([p[1] for p in pairs], 1)
+        grad_wt = _outer_sum(g, ids, x, d_sae)                      # [d_sae, d_in]
         grad_bias = torch.zeros(d_sae, dtype=x.dtype, device=x.device)
-        for g, ids, v in ((grad_vals, idx, vals), (grad_avals, aidx, avals)):
-            if g is None:
-                continue
-            g = g * (v > 0)                                         # relu
-            for s in _blocks(len(ids)):
-                grad_wt.index_add_(0, ids[s].reshape(-1),
-                                   (g[s].unsqueeze(2) * x[s].unsqueeze(1)).reshape(-1, d_in))
-            grad_bias.index_add_(0, ids.reshape(-1), g.reshape(-1))
+        grad_bias.index_add_(0, ids.reshape(-1), g.reshape(-1))
         return None, grad_wt.t(), grad_bias, None, None, None
+
+
+def _outer_sum(g: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, d_sae: int,
+               index_add: bool | None = None) -> torch.Tensor:
+    """sum over (b, j) of g[b, j] * x[b] into row ids[b, j]: the encoder's weight gradient.
+    CPU: one sparse x dense product (MKL). CUDA: index_add in blocks of rows, which has static
+    shapes and no host sync, so it captures in a CUDA graph (a sparse tensor's coalescing does
+    not)."""
+    if not (x.device.type == "cuda" if index_add is None else index_add):
+        rows = torch.arange(len(ids), device=x.device).repeat_interleave(ids.shape[1])
+        with warnings.catch_warnings():  # torch's sparse API still calls itself beta
+            warnings.simplefilter("ignore", UserWarning)
+            g_t = torch.sparse_coo_tensor(torch.stack([ids.reshape(-1), rows]), g.reshape(-1),
+                                          (d_sae, len(ids)))
+            return torch.sparse.mm(g_t, x)
+    out = torch.zeros(d_sae, x.shape[1], dtype=x.dtype, device=x.device)
+    for lo in range(0, len(ids), 256):
+        sl = slice(lo, lo + 256)
+        out.index_add_(0, ids[sl].reshape(-1),
+                       (g[sl].unsqueeze(2) * x[sl].unsqueeze(1)).reshape(-1, x.shape[1]))
+    return out
 
 
 def scatter_dense(vals: torch.Tensor, idx: torch.Tensor, d_sae: int) -> torch.Tensor:

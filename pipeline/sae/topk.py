@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.sae.base import SAE
-from pipeline.sae.sparse import SparseDecode, SparseTopK, scatter_dense
+from pipeline.sae.sparse import SparseTopK, scatter_dense, sparse_decode
 
 
 def keep_topk(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -47,9 +47,9 @@ class TopKSAE(SAE):
         bias = self.b_enc - self.b_dec @ self.W_enc
         vals, idx, avals, aidx = SparseTopK.apply(x, self.W_enc, bias, self.cfg.k, dead,
                                                   min(self.cfg.aux_k, self.cfg.d_sae))
-        x_hat = SparseDecode.apply(vals, idx, self.W_dec) + self.b_dec
+        x_hat = sparse_decode(vals, idx, self.W_dec) + self.b_dec
         err = (x - x_hat).detach()
-        err_hat = SparseDecode.apply(avals, aidx, self.W_dec)
+        err_hat = sparse_decode(avals, aidx, self.W_dec)
         nmse = (err_hat - err).pow(2).mean() / (err - err.mean(0)).pow(2).mean().clamp_min(1e-12)
         parts = {"mse": (x - x_hat).pow(2).mean(),
                  "aux": self.cfg.aux_coeff * nmse * dead.any().float()}

@@ -53,8 +53,8 @@ class TrainConfig:
     aux_coeff: float = _SAE["aux_coeff"]
     """topk/batchtopk: coefficient of the auxiliary loss."""
     sparse: bool = _SAE["sparse"]
-    """topk: the k-sparse step (decoder and encoder gradients only through the active latents)
-    instead of the dense one (experimental: not yet faster on CPU)."""
+    """topk: the k-sparse step (decoder and encoder gradients only through the active latents);
+    --no-sparse runs the dense reference."""
     dead_tokens: int = _SAE["dead_tokens"]
     """A latent that has not fired in this many training tokens counts as dead."""
     batch_size: int = 4096
