@@ -5,6 +5,7 @@ In one run, on the same cache:
       (target >= 0.9: the loader is never the bottleneck);
   (b) our step vs a straightforward eager loop in the style of the source article (its MaskedSAE,
       a torch DataLoader over the same rows, loss.item() every step);
+  (d) topk at d_in 576, d_sae 4608, batch 4096, k 32: our k-sparse step vs our dense step;
   (c) on CUDA only: CUDA graph vs eager at d_in 4096, d_sae 32768, batch 4096, steps/s, and the
       fraction of the matmul peak measured in the same run.
 
@@ -206,6 +207,17 @@ def main() -> None:
         result["article_loop_steps_per_s"]
     flop = 12 * args.batch_size * d_in * d_sae
     result["our_gflops"] = flop * result["loader_steps_per_s"] / 1e9
+    log("(d) topk at d_in 576, d_sae 4608, batch 4096, k 32: k-sparse step vs dense step")
+    x = torch.randn(4096, 576, device=device)
+    for sparse in (False, True):
+        sae = build_sae(SAEConfig(arch="topk", d_in=576, d_sae=4608, k=32, sparse=sparse),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+        topk_step = TrainStep(sae, 4096, 576, 1.0, 10**6, 2e-4, use_graph=graph)
+        topk_step.load(x)
+        result[f"topk_{'sparse' if sparse else 'dense'}_steps_per_s"] = time_steps(
+            topk_step.run, 4, device, warmup=2)
+    result["topk_sparse_vs_dense"] = result["topk_sparse_steps_per_s"] / \
+        result["topk_dense_steps_per_s"]
     if torch.cuda.is_available():
         log("(c) CUDA graph vs eager at d_in 4096, d_sae 32768, batch 4096")
         result["gpu"] = gpu_section(max(args.steps, 20))
