@@ -27,6 +27,7 @@ from cache_schema.store import (
     read_chunk_record,
     read_manifest,
     records_digest,
+    remove_leftovers,
     storage_dtype,
     verify,
     write_chunk_record,
@@ -38,6 +39,6 @@ __all__ = [
     "STATUS_COMPLETE", "STATUS_WRITING", "STORAGE_DTYPES", "STREAMS", "TOKENS", "CacheError",
     "Manifest", "activation_array", "aggregate_norm_stats", "array_specs", "chunk_checksums",
     "chunk_file", "hook_name", "list_done_chunks", "open_cache", "read_chunk_record",
-    "read_manifest", "records_digest", "storage_dtype", "verify", "write_chunk_record",
-    "write_manifest",
+    "read_manifest", "records_digest", "remove_leftovers", "storage_dtype", "verify",
+    "write_chunk_record", "write_manifest",
 ]

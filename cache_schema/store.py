@@ -62,6 +62,19 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# Interrupted writes: ours (atomic_write) and zarr's local store (`<chunk>.<uuid>.partial`).
+LEFTOVER_SUFFIXES = (".tmp", ".partial")
+
+
+def remove_leftovers(root: str | Path) -> list[Path]:
+    """Delete the temporary files a killed writer leaves behind; returns what was removed.
+    Only call this while no writer is running on the cache (before a resume starts)."""
+    gone = [p for p in Path(root).rglob("*") if p.is_file() and p.name.endswith(LEFTOVER_SUFFIXES)]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
 def _dumps(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 

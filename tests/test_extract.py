@@ -221,6 +221,9 @@ def test_resume_after_lost_chunks_gives_identical_bytes(tmp_path, tiny_cache, ti
     part = cache / "masked" / hook_name(1) / "c" / "2" / "0"
     part.write_bytes(part.read_bytes()[:1000])
     (cache / "tokens" / "c" / "3").unlink()
+    # what a kill -9 inside a write leaves: zarr's temporary chunk file and ours
+    (cache / "tokens" / "c" / "3.0f1e2d3c4b5a69788796a5b4c3d2e1f0.partial").write_bytes(b"x")
+    (cache / "_chunks" / "00000002.json.tmp").write_bytes(b"{")
     extract(tiny_config(cache, tiny_model, corpus), progress=False)
     assert tree_bytes(cache) == tree_bytes(tiny_cache)
 

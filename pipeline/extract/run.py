@@ -27,6 +27,7 @@ from cache_schema import (
     read_chunk_record,
     read_manifest,
     records_digest,
+    remove_leftovers,
     write_manifest,
 )
 from cache_schema.store import record_path
@@ -114,6 +115,7 @@ def prepare_output(out: Path, m: Manifest, overwrite: bool) -> list[int]:
                     "choose another --out")
             shutil.rmtree(out)
         else:
+            remove_leftovers(out)  # a killed writer's temporary files: not part of the cache
             return list_done_chunks(out)
     try:
         write_manifest(out, m)
