@@ -13,6 +13,7 @@ from pipeline.errors import PipelineError
 from pipeline.sae import REGISTRY, SAEConfig, build_sae
 from pipeline.sae.gated import binary_entropy
 from pipeline.sae.io import load_saelens, save_saelens
+from pipeline.sae.sparse import SparseCode
 
 D, S = 16, 64
 ARCHS = sorted(REGISTRY)
@@ -44,6 +45,7 @@ def test_shapes_parts_and_gradients(arch):
     x = torch.randn(32, D)
     assert sae.encode(x).shape == (32, S) and sae.decode(sae.encode(x)).shape == (32, D)
     loss, parts, x_hat, z = sae.loss(x, ONE)
+    z = z.dense() if isinstance(z, SparseCode) else z  # topk, batchtopk: the k-sparse step
     assert x_hat.shape == (32, D) and z.shape == (32, S) and loss.dim() == 0
     assert "mse" in parts and all(v.dim() == 0 for v in parts.values())
     torch.testing.assert_close(loss, sum(parts.values()))
@@ -128,9 +130,11 @@ def test_saelens_itself_loads_the_export(tmp_path):
 # -- k-sparse ---------------------------------------------------------------------------------------
 def test_topk_keeps_k_per_row_and_batchtopk_k_times_batch():
     x = torch.randn(32, D)
-    _, _, _, z = make("topk").loss(x, ONE)
+    _, _, _, code = make("topk").loss(x, ONE)
+    z = code.dense()
     assert torch.all((z != 0).sum(-1) == 4)
-    _, _, _, z = make("batchtopk").loss(x, ONE)
+    _, _, _, code = make("batchtopk").loss(x, ONE)
+    z = code.dense()
     assert int((z != 0).sum()) == 4 * 32
     assert (z != 0).sum(-1).unique().numel() > 1  # per batch, not per row
 
@@ -138,11 +142,11 @@ def test_topk_keeps_k_per_row_and_batchtopk_k_times_batch():
 def test_batchtopk_threshold_is_an_ema_of_the_smallest_kept_activation():
     sae = make("batchtopk", threshold_momentum=0.9)
     x = torch.randn(32, D)
-    _, _, _, z = sae.loss(x, ONE)
-    first = 0.1 * z[z > 0].min()
+    _, _, _, code = sae.loss(x, ONE)
+    first = 0.1 * code.vals[code.vals > 0].min()
     torch.testing.assert_close(sae.threshold, first)
-    _, _, _, z = sae.loss(torch.randn(32, D), ONE)
-    torch.testing.assert_close(sae.threshold, 0.9 * first + 0.1 * z[z > 0].min())
+    _, _, _, code = sae.loss(torch.randn(32, D), ONE)
+    torch.testing.assert_close(sae.threshold, 0.9 * first + 0.1 * code.vals[code.vals > 0].min())
     with torch.no_grad():  # inference: a JumpReLU at the running threshold
         pre = sae.pre_activation(x)
         torch.testing.assert_close(sae.encode(x), pre * (pre > sae.threshold))
@@ -157,6 +161,9 @@ def test_auxk_is_zero_without_dead_latents_and_positive_with_them():
     sae.loss(x, ONE)  # 32 tokens pass: latents that did not fire are now dead
     assert sae.dead_mask().any() and not sae.dead_mask().all()
     _, parts, _, _ = sae.loss(x, ONE)
+    assert float(parts["aux"].detach()) == 0.0  # off until the next check (every 25 steps)
+    sae.refresh(25)
+    _, parts, _, _ = sae.loss(x, ONE)
     assert float(parts["aux"].detach()) > 0
 
 
@@ -167,6 +174,7 @@ def test_auxk_value_matches_the_paper_formula(aux_k):
     sae.loss(x, ONE)  # the latents that did not fire on these 32 tokens are now dead
     dead = sae.dead_mask()
     assert dead.any() and not dead.all()
+    sae.check_dead()
     _, parts, x_hat, _ = sae.loss(x, ONE)
     with torch.no_grad():
         e = x - x_hat

@@ -1,4 +1,5 @@
-"""The k-sparse TopK step equals the dense reference: loss, gradients, weights after Adam."""
+"""The k-sparse TopK and BatchTopK steps equal the dense reference: loss, gradients, weights after
+Adam; the AuxK switch; the kernels against dense products."""
 
 from __future__ import annotations
 
@@ -6,39 +7,47 @@ import pytest
 import torch
 
 from pipeline.sae import SAEConfig, build_sae
-from pipeline.sae.sparse import sparse_decode
+from pipeline.sae.sparse import SparseCode, outer_sum, sparse_decode
+
+ARCHS = ("topk", "batchtopk")
 
 
-def make(sparse: bool, x: torch.Tensor):
-    sae = build_sae(SAEConfig(arch="topk", d_in=32, d_sae=128, k=8, aux_k=16, dead_tokens=200,
+def make(arch: str, sparse: bool, x: torch.Tensor, device: str = "cpu"):
+    sae = build_sae(SAEConfig(arch=arch, d_in=32, d_sae=128, k=8, aux_k=16, dead_tokens=200,
                               sparse=sparse), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         sae.b_dec.copy_(x.mean(0))
         sae.b_enc.copy_(torch.randn(128, generator=torch.Generator().manual_seed(5)))
         sae.b_enc[:40] = -50.0  # 40 latents never fire: dead after the first batch, AuxK works
         sae.b_enc[40:48] = -4.0  # some rows have fewer than k positive pre-activations
-    return sae
+    return sae.to(device)
 
 
-def test_sparse_and_dense_topk_steps_agree_over_several_adam_steps():
-    x = torch.randn(300, 32, generator=torch.Generator().manual_seed(1))
-    runs = {}
-    for sparse in (False, True):
-        sae = make(sparse, x)
-        opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
-        history = []
-        for _ in range(6):
-            loss, parts, x_hat, z = sae.loss(x, torch.tensor(1.0))
-            opt.zero_grad()
-            loss.backward()
-            history.append(({k: v.detach() for k, v in parts.items()}, x_hat.detach(),
-                            z.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}))
-            opt.step()
-            sae.normalize_decoder()
-        runs[sparse] = (history, {k: v.clone() for k, v in sae.state_dict().items()})
-    (dense, dense_state), (sparse, sparse_state) = runs[False], runs[True]
-    assert float(dense[-1][0]["aux"]) > 0  # the AuxK path was exercised
-    for (pd, xd, zd, gd), (ps, xs, zs, gs) in zip(dense, sparse, strict=True):
+def dense(code) -> torch.Tensor:
+    return code.dense() if isinstance(code, SparseCode) else code
+
+
+def run_steps(arch: str, sparse: bool, x: torch.Tensor, steps: int = 6):
+    sae = make(arch, sparse, x, x.device.type)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    history = []
+    for s in range(steps):
+        loss, parts, x_hat, code = sae.loss(x, torch.tensor(1.0, device=x.device))
+        opt.zero_grad()
+        loss.backward()
+        history.append(({k: v.detach() for k, v in parts.items()}, x_hat.detach(),
+                        dense(code).detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}))
+        opt.step()
+        sae.normalize_decoder()
+        sae.check_dead() if s == 0 else sae.refresh(s + 1)
+    return history, {k: v.clone() for k, v in sae.state_dict().items()}
+
+
+def assert_same_steps(arch: str, x: torch.Tensor) -> None:
+    (dense_h, dense_state), (sparse_h, sparse_state) = (run_steps(arch, s, x) for s in (False, True))
+    assert float(dense_h[-1][0]["aux"]) > 0  # the AuxK path was exercised
+    assert float(dense_h[0][0]["aux"]) == 0  # and was off before the first check
+    for (pd, xd, zd, gd), (ps, xs, zs, gs) in zip(dense_h, sparse_h, strict=True):
         for k in pd:
             torch.testing.assert_close(ps[k], pd[k], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(xs, xd, rtol=1e-5, atol=1e-5)
@@ -50,14 +59,50 @@ def test_sparse_and_dense_topk_steps_agree_over_several_adam_steps():
                                    rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_and_dense_steps_agree_over_several_adam_steps(arch):
+    assert_same_steps(arch, torch.randn(300, 32, generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_and_dense_steps_agree_on_cuda(arch):
+    assert_same_steps(arch, torch.randn(300, 32, generator=torch.Generator().manual_seed(1))
+                      .cuda())
+
+
+def test_batchtopk_code_varies_per_row_and_keeps_k_times_batch():
+    x = torch.randn(300, 32, generator=torch.Generator().manual_seed(1))
+    _, _, _, code = make("batchtopk", True, x).loss(x, torch.tensor(1.0))
+    assert len(code.vals) == 8 * 300
+    assert torch.equal(code.rows, code.rows.sort().values)
+    per_row = torch.bincount(code.rows, minlength=300)
+    assert per_row.unique().numel() > 1
+    assert torch.equal(code.offsets, torch.cumsum(per_row, 0) - per_row)
+
+
+def test_the_auxk_switch_survives_a_state_dict_round_trip():
+    x = torch.randn(300, 32, generator=torch.Generator().manual_seed(1))
+    sae = make("topk", True, x)
+    sae.loss(x, torch.tensor(1.0))
+    sae.check_dead()
+    assert sae.aux_active and sae.graph_key() is True
+    fresh = make("topk", True, x)
+    assert not fresh.aux_active
+    fresh.load_state_dict(sae.state_dict())
+    assert fresh.aux_active
+
+
 def test_sparse_decode_gradients_match_autograd_of_the_dense_product():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(50, 7, generator=g, requires_grad=True)
-    idx = torch.randint(0, 50, (1100, 3), generator=g)  # more rows than one block
-    vals = torch.rand(1100, 3, generator=g, requires_grad=True)
-    out = sparse_decode(vals, idx, w)
-    z = torch.zeros(1100, 50).scatter_add(1, idx, vals)
-    ref = z @ w
+    rows = torch.randint(0, 1100, (3000,), generator=g).sort().values  # empty rows included
+    latents = torch.randint(0, 50, (3000,), generator=g)
+    vals = torch.rand(3000, generator=g, requires_grad=True)
+    offsets = torch.searchsorted(rows, torch.arange(1100))
+    code = SparseCode(vals, latents, rows, offsets, 50)
+    out = sparse_decode(code, w)
+    ref = torch.zeros(1100, 50).index_put((rows, latents), vals, accumulate=True) @ w
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     grad = torch.randn(1100, 7, generator=g)
     gv, gw = torch.autograd.grad(out, (vals, w), grad)
@@ -66,26 +111,29 @@ def test_sparse_decode_gradients_match_autograd_of_the_dense_product():
     torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-4)
 
 
+def test_both_outer_sum_kernels_agree():
+    gen = torch.Generator().manual_seed(2)
+    g, m = torch.randn(20000, generator=gen), torch.randn(600, 9, generator=gen)
+    latents = torch.randint(0, 40, (20000,), generator=gen)
+    rows = torch.randint(0, 600, (20000,), generator=gen)
+    ref = torch.zeros(40, 600).index_put((latents, rows), g, accumulate=True) @ m
+    for index_add in (False, True):  # sparse x dense (CPU) and blocked index_add (CUDA)
+        torch.testing.assert_close(outer_sum(g, latents, rows, m, 40, index_add), ref,
+                                   rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_sparse_topk_step_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_step_captures_in_a_cuda_graph_for_each_auxk_state(arch):
     from pipeline.train.step import TrainStep
 
-    sae = make(True, torch.randn(64, 32)).cuda()
+    sae = make(arch, True, torch.randn(64, 32), "cuda")
     step = TrainStep(sae, 64, 32, 1.0, 20, 1e-3, use_graph=True)
-    for _ in range(6):
+    for s in range(12):
         step.load(torch.randn(64, 32, device="cuda"))
         step.run()
+        if s == 5:
+            sae.check_dead()  # latents 0-39 never fired: AuxK turns on, a second capture
     torch.cuda.synchronize()
-    assert step.graph is not None
-
-
-def test_both_encoder_gradient_kernels_agree():
-    from pipeline.sae.sparse import _outer_sum
-
-    gen = torch.Generator().manual_seed(2)
-    g, x = torch.randn(600, 5, generator=gen), torch.randn(600, 9, generator=gen)
-    ids = torch.randint(0, 40, (600, 5), generator=gen)
-    dense = torch.zeros(600, 40).scatter_add(1, ids, g).t() @ x
-    for index_add in (False, True):  # sparse x dense (CPU) and blocked index_add (CUDA)
-        torch.testing.assert_close(_outer_sum(g, ids, x, 40, index_add), dense,
-                                   rtol=1e-4, atol=1e-4)
+    assert set(step.graphs) == {False, True}
+    assert torch.isfinite(step.sums["loss"])

@@ -53,9 +53,8 @@ class SAEConfig:
     gate_reg: float = 1e-4
     """gated: coefficient of the mean binary entropy of the gates."""
     sparse: bool = True
-    """topk: the k-sparse step (the decoder and the encoder's gradients touch only the active
-    latents); False runs the dense reference. 2 CPU cores, d_in 576, batch 4096, k 32: 1.88 vs
-    0.66 steps/s at d_sae 4608, 0.51 vs 0.14 at 18432."""
+    """topk, batchtopk: the k-sparse step (after the encoder's matmul, only the active latents
+    are touched); False runs the dense reference (scripts/bench_train.py compares them)."""
     threshold_momentum: float = 0.99
     """batchtopk: momentum of the running inference threshold."""
 
@@ -160,6 +159,11 @@ class SAE(nn.Module):
 
     def refresh(self, step: int) -> None:
         """Outside the graph, after `step` steps are done (masked: the dormancy mask)."""
+
+    def graph_key(self) -> object:
+        """The host-side state a training step depends on: the step is captured once per value
+        (topk, batchtopk: whether the AuxK loss runs)."""
+        return None
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens

@@ -1,74 +1,144 @@
-"""k-sparse kernels for TopK SAEs: the decoder's forward and backward and the encoder's weight
-gradient touch only the B*k active (row, latent) pairs, so a step costs little more than the
-encoder's forward matmul. Static shapes throughout (B*k entries), so the step still captures in a
-CUDA graph."""
+"""The k-sparse step of TopK and BatchTopK SAEs: after the encoder's forward matmul, everything
+touches only the B*k active (row, latent) entries: the decoder's forward and backward and the
+encoder's weight and bias gradients. Static shapes throughout (B*k entries, B bag offsets), so
+the step still captures in a CUDA graph."""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
-
-def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
-    """x_hat[b] = sum_j vals[b, j] * W_dec[idx[b, j]] (no bias), as an embedding bag: its
-    built-in backward gives the gradients of vals and W_dec from the active rows only."""
-    return torch.nn.functional.embedding_bag(idx, w_dec, per_sample_weights=vals, mode="sum")
+_SUM = 0  # embedding_bag mode
 
 
-class SparseTopK(torch.autograd.Function):
-    """From one encoder matmul pre = x @ W_enc + bias: (vals, idx) of the k largest relu(pre) per
-    row, and (aux_vals, aux_idx) of the aux_k largest among dead latents (AuxK). The backward
-    reaches W_enc and bias only through those entries (index_add), never as a dense [B, d_sae]
-    gradient."""
+@dataclass
+class SparseCode:
+    """A batch of k-sparse latents as entries sorted by row: vals[e] (after ReLU) of latent
+    latents[e] in row rows[e]; row b's entries start at offsets[b]."""
+
+    vals: torch.Tensor
+    latents: torch.Tensor
+    rows: torch.Tensor
+    offsets: torch.Tensor
+    d_sae: int
+
+    def dense(self) -> torch.Tensor:
+        """The [B, d_sae] latents (for tests and inspection; the step never builds them)."""
+        z = torch.zeros(len(self.offsets), self.d_sae, dtype=self.vals.dtype,
+                        device=self.vals.device)
+        return z.index_put_((self.rows, self.latents), self.vals, accumulate=True)
+
+    def l0(self) -> torch.Tensor:
+        """Mean number of active latents per row."""
+        return (self.vals > 0).sum().float() / len(self.offsets)
+
+    def fired(self) -> torch.Tensor:
+        """[d_sae] bool: latents active in at least one row."""
+        hits = torch.zeros(self.d_sae, dtype=self.vals.dtype, device=self.vals.device)
+        return hits.index_add_(0, self.latents, (self.vals > 0).to(self.vals.dtype)) > 0
+
+
+def mean_l0(code: torch.Tensor | SparseCode) -> torch.Tensor:
+    """Mean active latents per row of dense latents or a SparseCode."""
+    return code.l0() if isinstance(code, SparseCode) else (code != 0).sum(-1).float().mean()
+
+
+def _per_row(top: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(vals, latents, rows, offsets) of a per-row top-k ([B, k] values and latent indices)."""
+    b, k = idx.shape
+    rows = torch.arange(b, device=idx.device).repeat_interleave(k)
+    offsets = torch.arange(0, b * k, k, device=idx.device)
+    return torch.relu(top).reshape(-1), idx.reshape(-1), rows, offsets
+
+
+def _per_batch(pre: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """(vals, latents, rows, offsets) of the n largest entries of the whole batch, by row."""
+    b, d_sae = pre.shape
+    top, flat = pre.view(-1).topk(n, sorted=False)
+    flat, order = flat.sort()
+    rows = torch.div(flat, d_sae, rounding_mode="floor")
+    offsets = torch.searchsorted(rows, torch.arange(b, device=pre.device))
+    return torch.relu(top[order]), flat - rows * d_sae, rows, offsets
+
+
+class SparseEncode(torch.autograd.Function):
+    """From one encoder matmul pre = x @ W_enc + bias: the code of the k largest entries per row
+    (`per_row`) or of the k*B largest of the batch, and, when `dead` is given, the per-row code
+    of the aux_k largest among dead latents (AuxK). Gradients reach W_enc and bias through
+    those entries only; x gets none (the input is data)."""
 
     @staticmethod
-    def forward(ctx, x, w_enc, bias, k: int, dead: torch.Tensor, aux_k: int):
+    def forward(ctx, x, w_enc, bias, k: int, per_row: bool, dead, aux_k: int):
         pre = torch.addmm(bias, x, w_enc)
-        top, idx = pre.topk(k, dim=-1, sorted=False)
-        atop, aidx = pre.masked_fill_(~dead, float("-inf")).topk(aux_k, dim=-1, sorted=False)
-        vals, avals = torch.relu(top), torch.relu(atop)
-        ctx.save_for_backward(x, idx, vals, aidx, avals)
-        ctx.shape = w_enc.shape
-        ctx.mark_non_differentiable(idx, aidx)
-        return vals, idx, avals, aidx
+        main = _per_row(*pre.topk(k, dim=-1, sorted=False)) if per_row else \
+            _per_batch(pre, k * len(x))
+        codes = [main]
+        if dead is not None:
+            codes.append(_per_row(*pre.masked_fill_(~dead, float("-inf")).topk(
+                aux_k, dim=-1, sorted=False)))
+        vals, latents, rows = (torch.cat([c[i] for c in codes]) for i in range(3))
+        ctx.save_for_backward(x, vals, latents, rows)
+        ctx.d_sae, ctx.sizes = w_enc.shape[1], [len(c[0]) for c in codes]
+        out = tuple(t for c in codes for t in c)
+        ctx.mark_non_differentiable(*(t for i, t in enumerate(out) if i % 4))
+        return out
 
     @staticmethod
-    def backward(ctx, grad_vals, _gi, grad_avals, _gai):
-        x, idx, vals, aidx, avals = ctx.saved_tensors
-        d_sae = ctx.shape[1]
-        pairs = [(g * (v > 0), ids) for g, ids, v in ((grad_vals, idx, vals),
-                                                      (grad_avals, aidx, avals)) if g is not None]
-        g = torch.cat([p[0] for p in pairs], 1)                     # relu'd, [B, k + aux_k]
-        ids = torch.cat([p[1] for p in pairs], 1)
-        grad_wt = _outer_sum(g, ids, x, d_sae)                      # [d_sae, d_in]
-        grad_bias = torch.zeros(d_sae, dtype=x.dtype, device=x.device)
-        grad_bias.index_add_(0, ids.reshape(-1), g.reshape(-1))
-        return None, grad_wt.t(), grad_bias, None, None, None
+    def backward(ctx, *grads):
+        x, vals, latents, rows = ctx.saved_tensors
+        g = torch.cat([gr if gr is not None else x.new_zeros(n)
+                       for gr, n in zip(grads[::4], ctx.sizes, strict=True)])
+        g = g * (vals > 0)                                            # through the ReLU
+        grad_wt = outer_sum(g, latents, rows, x, ctx.d_sae)           # [d_sae, d_in]
+        grad_bias = torch.zeros(ctx.d_sae, dtype=x.dtype, device=x.device)
+        grad_bias.index_add_(0, latents, g)
+        return None, grad_wt.t(), grad_bias, None, None, None, None
 
 
-def _outer_sum(g: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, d_sae: int,
-               index_add: bool | None = None) -> torch.Tensor:
-    """sum over (b, j) of g[b, j] * x[b] into row ids[b, j]: the encoder's weight gradient.
-    CPU: one sparse x dense product (MKL). CUDA: index_add in blocks of rows, which has static
-    shapes and no host sync, so it captures in a CUDA graph (a sparse tensor's coalescing does
-    not)."""
-    if not (x.device.type == "cuda" if index_add is None else index_add):
-        rows = torch.arange(len(ids), device=x.device).repeat_interleave(ids.shape[1])
+class SparseDecode(torch.autograd.Function):
+    """x_hat[b] = sum over row b's entries of vals[e] * W_dec[latents[e]] (no bias), as an
+    embedding bag; the backward gives vals their gradient with embedding_bag's own kernel and
+    W_dec its gradient as one sparse x dense product (the built-in backward sorts all B*k
+    indices and is 3-5x slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, vals, latents, rows, offsets, w_dec):
+        out, offset2bag, _, _ = torch.ops.aten._embedding_bag(
+            w_dec, latents, offsets, False, _SUM, False, vals, False, -1)
+        ctx.save_for_backward(vals, latents, rows, offsets, offset2bag, w_dec)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        vals, latents, rows, offsets, offset2bag, w_dec = ctx.saved_tensors
+        g = g.contiguous()
+        grad_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            g, w_dec, latents, offsets, offset2bag, _SUM, -1)
+        grad_w = outer_sum(vals, latents, rows, g, w_dec.shape[0])
+        return grad_vals, None, None, None, grad_w
+
+
+def sparse_decode(code: SparseCode, w_dec: torch.Tensor, vals: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """x_hat without b_dec from a code (vals: the differentiable values, default code.vals)."""
+    return SparseDecode.apply(code.vals if vals is None else vals, code.latents, code.rows,
+                              code.offsets, w_dec)
+
+
+def outer_sum(g: torch.Tensor, latents: torch.Tensor, rows: torch.Tensor, m: torch.Tensor,
+              d_sae: int, index_add: bool | None = None) -> torch.Tensor:
+    """out[latents[e]] += g[e] * m[rows[e]] over all entries: [d_sae, width]. CPU: one sparse x
+    dense product (MKL). CUDA: index_add in blocks of entries, which has static shapes and no
+    host sync, so it captures in a CUDA graph (a sparse tensor's coalescing does not)."""
+    if not (m.device.type == "cuda" if index_add is None else index_add):
         with warnings.catch_warnings():  # torch's sparse API still calls itself beta
             warnings.simplefilter("ignore", UserWarning)
-            g_t = torch.sparse_coo_tensor(torch.stack([ids.reshape(-1), rows]), g.reshape(-1),
-                                          (d_sae, len(ids)))
-            return torch.sparse.mm(g_t, x)
-    out = torch.zeros(d_sae, x.shape[1], dtype=x.dtype, device=x.device)
-    for lo in range(0, len(ids), 256):
-        sl = slice(lo, lo + 256)
-        out.index_add_(0, ids[sl].reshape(-1),
-                       (g[sl].unsqueeze(2) * x[sl].unsqueeze(1)).reshape(-1, x.shape[1]))
+            g_t = torch.sparse_coo_tensor(torch.stack([latents, rows]), g, (d_sae, len(m)))
+            return torch.sparse.mm(g_t, m)
+    out = torch.zeros(d_sae, m.shape[1], dtype=m.dtype, device=m.device)
+    for lo in range(0, len(g), 8192):
+        sl = slice(lo, lo + 8192)
+        out.index_add_(0, latents[sl], g[sl, None] * m.index_select(0, rows[sl]))
     return out
-
-
-def scatter_dense(vals: torch.Tensor, idx: torch.Tensor, d_sae: int) -> torch.Tensor:
-    """The dense [B, d_sae] latents of a k-sparse code (for metrics and statistics)."""
-    return torch.zeros(len(idx), d_sae, dtype=vals.dtype, device=vals.device).scatter_(
-        1, idx, vals)

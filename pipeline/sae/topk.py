@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.sae.base import SAE
-from pipeline.sae.sparse import SparseTopK, scatter_dense, sparse_decode
+from pipeline.sae.sparse import SparseCode, SparseEncode, sparse_decode
 
 
 def keep_topk(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -16,48 +16,84 @@ def keep_topk(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(values).scatter_(-1, idx, top)
 
 
+# Steps between two host-side checks for dead latents (the AuxK loss runs only while some are).
+DEAD_CHECK_EVERY = 25
+
+
 class TopKSAE(SAE):
     saelens_architecture = "topk"
+    per_row = True  # k latents per row (BatchTopK: k * B per batch)
+
+    def __init__(self, cfg, generator=None):
+        super().__init__(cfg, generator)
+        # Whether the AuxK loss runs: a host-side switch (the step is captured once per value),
+        # kept as a buffer so that a resumed run continues with the same value.
+        self.register_buffer("aux_on", torch.zeros((), dtype=torch.bool))
+        self.aux_active = False
+        self.register_load_state_dict_post_hook(
+            lambda module, _keys: setattr(module, "aux_active", bool(module.aux_on)))
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return keep_topk(torch.relu(pre), self.cfg.k)
+
+    def refresh(self, step: int) -> None:
+        if step % DEAD_CHECK_EVERY == 0:
+            self.check_dead()
+
+    def check_dead(self) -> None:
+        """Turn the AuxK loss on while some latent is dead, off otherwise (one host sync)."""
+        with torch.no_grad():
+            self.aux_on.copy_(self.dead_mask().any())
+        self.aux_active = bool(self.aux_on)
+
+    def graph_key(self) -> bool:
+        return self.aux_active
 
     def extra_loss(self, x, x_hat, pre, z, l1_scale):
         """AuxK (Gao et al. 2024, as in openai/sparse_autoencoder): the aux_k largest ReLU'd
         pre-activations among dead latents only (live ones masked to -inf, so fixed shapes)
         reconstruct the detached residual e = x - x_hat through W_dec (no bias); the squared
         error is divided by the variance of e (mean over batch x d_in of (e - mean e)^2) and
-        multiplied by aux_coeff. Exactly 0 while no latent is dead (a multiplication by
-        any(dead), no branch on values); aux_k above d_sae means all latents. SAELens differs:
-        no variance normalisation, no ReLU, k_aux = d_in // 2 scaled by n_dead / k_aux."""
+        multiplied by aux_coeff. Computed only while `aux_active` (some latent was dead at the
+        last check, every DEAD_CHECK_EVERY steps), and multiplied by any(dead) so it is exactly
+        0 when none is dead now; aux_k above d_sae means all latents. SAELens differs: no
+        variance normalisation, no ReLU, k_aux = d_in // 2 scaled by n_dead / k_aux."""
+        if not self.aux_active:
+            return {"aux": x.new_zeros(())}
         dead = self.dead_mask()
         err = (x - x_hat).detach()
         aux_pre = torch.relu(pre.masked_fill(~dead, float("-inf")))
-        k = min(self.cfg.aux_k, self.cfg.d_sae)
-        err_hat = keep_topk(aux_pre, k) @ self.W_dec
+        err_hat = keep_topk(aux_pre, self.aux_k()) @ self.W_dec
+        return {"aux": self._aux_loss(err, err_hat, dead)}
+
+    def aux_k(self) -> int:
+        return min(self.cfg.aux_k, self.cfg.d_sae)
+
+    def _aux_loss(self, err, err_hat, dead):
         nmse = (err_hat - err).pow(2).mean() / (err - err.mean(0)).pow(2).mean().clamp_min(1e-12)
-        return {"aux": self.cfg.aux_coeff * nmse * dead.any().float()}
+        return self.cfg.aux_coeff * nmse * dead.any().float()
 
     def loss(self, x, l1_scale):
-        """The k-sparse step (pipeline.sae.sparse) unless cfg.sparse is False; same loss,
-        gradients and statistics as the dense reference (tested)."""
-        if not self.cfg.sparse or type(self) is not TopKSAE:
+        """The k-sparse step (pipeline.sae.sparse) unless cfg.sparse is False; the same loss,
+        gradients and statistics as the dense reference (tested). Its code is a SparseCode."""
+        if not self.cfg.sparse:
             return super().loss(x, l1_scale)
-        dead = self.dead_mask()
+        dead = self.dead_mask() if self.aux_active else None
         bias = self.b_enc - self.b_dec @ self.W_enc
-        vals, idx, avals, aidx = SparseTopK.apply(x, self.W_enc, bias, self.cfg.k, dead,
-                                                  min(self.cfg.aux_k, self.cfg.d_sae))
-        x_hat = sparse_decode(vals, idx, self.W_dec) + self.b_dec
-        err = (x - x_hat).detach()
-        err_hat = sparse_decode(avals, aidx, self.W_dec)
-        nmse = (err_hat - err).pow(2).mean() / (err - err.mean(0)).pow(2).mean().clamp_min(1e-12)
-        parts = {"mse": (x - x_hat).pow(2).mean(),
-                 "aux": self.cfg.aux_coeff * nmse * dead.any().float()}
-        z = scatter_dense(vals.detach(), idx, self.cfg.d_sae)
+        out = SparseEncode.apply(x, self.W_enc, bias, self.cfg.k, self.per_row, dead,
+                                 self.aux_k())
+        code = SparseCode(*out[:4], d_sae=self.cfg.d_sae)
+        x_hat = sparse_decode(code, self.W_dec) + self.b_dec
+        parts = {"mse": (x - x_hat).pow(2).mean(), "aux": x.new_zeros(())}
+        if dead is not None:
+            aux = SparseCode(*out[4:], d_sae=self.cfg.d_sae)
+            parts["aux"] = self._aux_loss((x - x_hat).detach(), sparse_decode(aux, self.W_dec),
+                                          dead)
         with torch.no_grad():
-            self._count_firing(z)
-            self.update_stats(z)
-        return sum(parts.values()), parts, x_hat, z
+            self.tokens_since_fired.add_(len(x))
+            self.tokens_since_fired.masked_fill_(code.fired(), 0)
+            self.update_stats(code.vals)
+        return sum(parts.values()), parts, x_hat, code
 
     def saelens_export(self, scale):
         tensors, cfg = super().saelens_export(scale)
@@ -69,6 +105,7 @@ class BatchTopKSAE(TopKSAE):
     threshold (EMA of the smallest activation kept), so it is saved as SAELens `jumprelu`."""
 
     saelens_architecture = "jumprelu"
+    per_row = False
 
     def __init__(self, cfg, generator=None):
         super().__init__(cfg, generator)
@@ -83,6 +120,7 @@ class BatchTopKSAE(TopKSAE):
         return torch.relu(pre) * (pre > self.threshold)
 
     def update_stats(self, z: torch.Tensor) -> None:
+        """z: the training latents, or only the values of the active ones (sparse step)."""
         smallest = z.masked_fill(z <= 0, float("inf")).min()
         smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold)
         m = self.cfg.threshold_momentum

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.sae import SAE
+from pipeline.sae.sparse import mean_l0
 
 # Metric sums accumulated on the device between two log points.
 SUMS = ("loss", "mse", "fve", "l0", "steps", "nonfinite")
@@ -53,8 +54,10 @@ class TrainStep:
         self.sums = {name: torch.zeros((), dtype=torch.float32, device=dev) for name in SUMS}
         self.history = torch.zeros(history, dtype=torch.float32, device=dev)
         self.use_graph = use_graph
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.eager_steps = 0  # steps run eagerly before the capture (CUDA warm-up)
+        # One captured graph per value of sae.graph_key() (host-side switches such as AuxK on
+        # or off), each with its own memory pool; the first steps of each run eagerly (warm-up).
+        self.graphs: dict[object, torch.cuda.CUDAGraph] = {}
+        self.eager_steps: dict[object, int] = {}
 
     # -- the step itself ------------------------------------------------------------------------
     def _schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +72,7 @@ class TrainStep:
         lr, l1_scale = self._schedule()
         self.lr_t.copy_(lr)
         x = self.x * self.scale
-        loss, _parts, x_hat, z = self.sae.loss(x, l1_scale)
+        loss, _parts, x_hat, code = self.sae.loss(x, l1_scale)
         loss.backward()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.grad_clip)
@@ -83,7 +86,7 @@ class TrainStep:
             s["loss"].add_(loss.detach())
             s["mse"].add_(mse)
             s["fve"].add_(1 - err / var.clamp_min(1e-12))
-            s["l0"].add_((z != 0).sum(-1).float().mean())
+            s["l0"].add_(mean_l0(code))
             s["steps"].add_(1)
             s["nonfinite"].add_((~torch.isfinite(loss.detach())).float())
             idx = torch.remainder(self.step_t, self.history.numel()).view(1)
@@ -101,28 +104,36 @@ class TrainStep:
             self.opt.zero_grad(set_to_none=True)
             self._step()
             return
-        if self.graph is None:
+        graph = self.graphs.get(self.sae.graph_key())
+        if graph is None:
             self._warm_up_or_capture()
             return
-        self.graph.replay()
+        graph.replay()
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The captured step for the SAE's current graph key, if captured yet."""
+        return self.graphs.get(self.sae.graph_key())
 
     def _warm_up_or_capture(self, warmup: int = 3) -> None:
         """The first steps run eagerly on a side stream (lazy state, cuBLAS workspaces), then the
         step is captured once; capturing executes nothing, so the captured step is replayed."""
+        key = self.sae.graph_key()
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
+        graph = None
         with torch.cuda.stream(side):
             self.opt.zero_grad(set_to_none=True)
-            if self.eager_steps < warmup:
+            if self.eager_steps.get(key, 0) < warmup:
                 self._step()
-                self.eager_steps += 1
+                self.eager_steps[key] = self.eager_steps.get(key, 0) + 1
             else:
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
+                graph = self.graphs[key] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
                     self._step()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        if self.graph is not None:
-            self.graph.replay()
+        if graph is not None:
+            graph.replay()
 
     def take_sums(self) -> dict[str, float]:
         """Host copy of the metric sums since the last call, then reset them (one sync)."""
