@@ -142,11 +142,14 @@ class SAE(nn.Module):
         return sum(parts.values()), parts, x_hat, z
 
     def extra_loss(self, x, x_hat, pre, z, l1_scale) -> dict[str, torch.Tensor]:
-        """Loss terms besides the reconstruction (default: l1 on mean |z|)."""
-        return {"sparsity": self.cfg.l1 * l1_scale * z.abs().mean()}
+        """Loss terms besides the reconstruction (default: l1 on mean |z|). Every architecture's
+        latents are ReLU outputs, z >= 0, so mean z is mean |z| without abs's forward and
+        backward passes over the [B, d_sae] latents."""
+        # a scaled sum, not a mean: mean's backward divides a whole [B, d_sae] tensor
+        return {"sparsity": self.cfg.l1 * l1_scale / z.numel() * z.sum()}
 
     def _count_firing(self, z: torch.Tensor) -> None:
-        fired = (z != 0).any(dim=0)
+        fired = z.amax(dim=0) > 0  # z >= 0: one reduction, no [B, d_sae] mask
         self.tokens_since_fired.add_(z.shape[0])
         self.tokens_since_fired.masked_fill_(fired, 0)
 

@@ -42,7 +42,9 @@ class SparseCode:
 
 def mean_l0(code: torch.Tensor | SparseCode) -> torch.Tensor:
     """Mean active latents per row of dense latents or a SparseCode."""
-    return code.l0() if isinstance(code, SparseCode) else (code != 0).sum(-1).float().mean()
+    if isinstance(code, SparseCode):
+        return code.l0()
+    return (code > 0).sum(dtype=torch.int32).float() / len(code)  # latents are ReLU outputs
 
 
 def _per_row(top: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
