@@ -5,7 +5,12 @@ In one run, on the same cache:
       (target >= 0.9: the loader is never the bottleneck);
   (b) our step vs a straightforward eager loop in the style of the source article (its MaskedSAE,
       a torch DataLoader over the same rows, loss.item() every step);
-  (d) topk at d_in 576, d_sae 4608, batch 4096, k 32: our k-sparse step vs our dense step;
+  (d) at d_in 576, batch 4096, k 32 and each --shapes d_sae (default 4608, 18432, 73728), on the
+      same in-memory batches: the matmul bounds measured in this run (the five matmuls of a dense
+      step; the encoder's forward matmul alone), our relu step, our topk step (k-sparse, and dense
+      up to --dense-up-to), our batchtopk step (k-sparse), and, when installed
+      (`pip install -e .[compare]`), SAELens's SAETrainer.fit (standard, topk) and sparsify's
+      SparseCoder step (scripts/baselines.py);
   (c) on CUDA only: CUDA graph vs eager at d_in 4096, d_sae 32768, batch 4096, steps/s, and the
       fraction of the matmul peak measured in the same run.
 
@@ -134,6 +139,82 @@ def matmul_peak(device: torch.device, n: int = 8192, reps: int = 20) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def time_matmuls(fns, reps: int, device: torch.device) -> float:
+    """Seconds for one call of each fn in turn (after one warm-up round)."""
+    return 1 / time_steps(lambda: [f() for f in fns], reps, device, warmup=1)
+
+
+def matmul_bounds(d_in: int, d_sae: int, batch: int, device: torch.device) -> dict:
+    """Seconds of the five matmuls of a dense step (x W_enc, z W_dec; backward: dz = g W_dec^T,
+    dW_dec = z^T g, dW_enc = x^T dpre) and of the encoder matmul alone, at these shapes."""
+    x, g = torch.randn(batch, d_in, device=device), torch.randn(batch, d_in, device=device)
+    w_enc = torch.randn(d_in, d_sae, device=device)
+    w_dec = torch.randn(d_sae, d_in, device=device)
+    z = torch.randn(batch, d_sae, device=device)
+    five = time_matmuls([lambda: x @ w_enc, lambda: z @ w_dec, lambda: g @ w_dec.t(),
+                         lambda: z.t() @ g, lambda: x.t() @ z], 2, device)
+    encoder = time_matmuls([lambda: x @ w_enc], 3, device)
+    return {"five_matmuls_s": five, "encoder_matmul_s": encoder,
+            "dense_bound_steps_per_s": 1 / five, "encoder_bound_steps_per_s": 1 / encoder}
+
+
+def shape_section(d_sae: int, steps: int, device: torch.device, graph: bool,
+                  dense_up_to: int, d_in: int = 576, batch: int = 4096, k: int = 32) -> dict:
+    log(f"(d) d_in {d_in}, d_sae {d_sae}, batch {batch}, k {k}")
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(batch, d_in, generator=gen) for _ in range(4)]
+    out: dict = {"d_sae": d_sae, **matmul_bounds(d_in, d_sae, batch, device)}
+    runs = [("relu", "relu", True), ("topk_sparse", "topk", True),
+            ("batchtopk_sparse", "batchtopk", True)]
+    if d_sae <= dense_up_to:
+        runs.append(("topk_dense", "topk", False))
+    for name, arch, sparse in runs:
+        log(f"  ours {name}")
+        sae = build_sae(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=k, sparse=sparse),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+        step = TrainStep(sae, batch, d_in, 1.0, 10**6, 2e-4, use_graph=graph)
+        it = iter(range(10**9))
+
+        def one(step=step, it=it):
+            step.load(batches[next(it) % len(batches)])
+            step.run()
+
+        out[f"ours_{name}_steps_per_s"] = time_steps(one, steps, device, warmup=2)
+        del sae, step
+    out.update(baseline_runs(batches, d_sae, k, steps))
+    ours = out["ours_topk_sparse_steps_per_s"]
+    out["topk_sparse_vs_encoder_bound"] = ours / out["encoder_bound_steps_per_s"]
+    out["relu_vs_dense_bound"] = out["ours_relu_steps_per_s"] / out["dense_bound_steps_per_s"]
+    if d_sae <= dense_up_to:
+        out["topk_sparse_vs_dense"] = ours / out["ours_topk_dense_steps_per_s"]
+    if "sparsify_topk_steps_per_s" in out:
+        out["topk_sparse_vs_sparsify"] = ours / out["sparsify_topk_steps_per_s"]
+    if "saelens_standard_steps_per_s" in out:
+        out["relu_vs_saelens_standard"] = out["ours_relu_steps_per_s"] / \
+            out["saelens_standard_steps_per_s"]
+        out["topk_sparse_vs_saelens_topk"] = ours / out["saelens_topk_steps_per_s"]
+    return out
+
+
+def baseline_runs(batches: list[torch.Tensor], d_sae: int, k: int, steps: int) -> dict:
+    """SAELens and sparsify on the same batches, each skipped (with the reason) if missing."""
+    import baselines  # scripts/baselines.py; the libraries themselves are imported on use
+
+    runs = {"saelens_standard": lambda: baselines.saelens_steps_per_s(batches, d_sae, "standard",
+                                                                      k, steps),
+            "saelens_topk": lambda: baselines.saelens_steps_per_s(batches, d_sae, "topk", k,
+                                                                  steps),
+            "sparsify_topk": lambda: baselines.sparsify_steps_per_s(batches, d_sae, k, steps)}
+    out: dict = {}
+    for name, run in runs.items():
+        log(f"  {name}")
+        try:
+            out[f"{name}_steps_per_s"] = run()
+        except ImportError as e:
+            out[name] = f"skipped: {e} (pip install -e .[compare])"
+    return out
+
+
 def gpu_section(steps: int) -> dict:
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -164,6 +245,11 @@ def main() -> None:
     p.add_argument("--expansion", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", type=lambda v: [int(d) for d in v.split(",")],
+                   default=[4608, 18432, 73728], help="d_sae values of section (d)")
+    p.add_argument("--shape-steps", type=int, default=3, help="timed steps per run in (d)")
+    p.add_argument("--dense-up-to", type=int, default=18432,
+                   help="(d): the dense topk reference only up to this d_sae (it is slow)")
     args = p.parse_args()
     device = torch.device(args.device)
     tmp = tempfile.TemporaryDirectory(prefix="bench_train_")
@@ -207,17 +293,8 @@ def main() -> None:
         result["article_loop_steps_per_s"]
     flop = 12 * args.batch_size * d_in * d_sae
     result["our_gflops"] = flop * result["loader_steps_per_s"] / 1e9
-    log("(d) topk at d_in 576, d_sae 4608, batch 4096, k 32: k-sparse step vs dense step")
-    x = torch.randn(4096, 576, device=device)
-    for sparse in (False, True):
-        sae = build_sae(SAEConfig(arch="topk", d_in=576, d_sae=4608, k=32, sparse=sparse),
-                        generator=torch.Generator().manual_seed(0)).to(device)
-        topk_step = TrainStep(sae, 4096, 576, 1.0, 10**6, 2e-4, use_graph=graph)
-        topk_step.load(x)
-        result[f"topk_{'sparse' if sparse else 'dense'}_steps_per_s"] = time_steps(
-            topk_step.run, 4, device, warmup=2)
-    result["topk_sparse_vs_dense"] = result["topk_sparse_steps_per_s"] / \
-        result["topk_dense_steps_per_s"]
+    result["shapes"] = [shape_section(d_sae, args.shape_steps, device, graph, args.dense_up_to)
+                        for d_sae in args.shapes]
     if torch.cuda.is_available():
         log("(c) CUDA graph vs eager at d_in 4096, d_sae 32768, batch 4096")
         result["gpu"] = gpu_section(max(args.steps, 20))
