@@ -198,8 +198,10 @@ def shape_section(d_sae: int, steps: int, device: torch.device, graph: bool,
 
 def baseline_runs(batches: list[torch.Tensor], d_sae: int, k: int, steps: int) -> dict:
     """SAELens and sparsify on the same batches, each skipped (with the reason) if missing."""
-    import baselines  # scripts/baselines.py; the libraries themselves are imported on use
-
+    try:
+        import baselines  # scripts/baselines.py; the libraries themselves are imported on use
+    except ImportError as e:
+        return {"baselines": f"skipped: {e}"}
     runs = {"saelens_standard": lambda: baselines.saelens_steps_per_s(batches, d_sae, "standard",
                                                                       k, steps),
             "saelens_topk": lambda: baselines.saelens_steps_per_s(batches, d_sae, "topk", k,
