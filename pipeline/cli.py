@@ -139,6 +139,33 @@ def audit(run_dir: Path = typer.Argument(..., help="Run folder of `pipeline trai
         raise typer.Exit(1)
 
 
+@app.command()
+@friendly_errors
+def features(
+    sae_dir: Path = typer.Argument(..., help="Folder with cfg.json + sae_weights.safetensors."),
+    cache: str | None = typer.Option(None, help="Cache to read (default: the run's)."),
+    latents: str | None = typer.Option(None, help="Latents: '0-511', '3,17,40-49' or 'all' "
+                                       "(default: the first 512)."),
+    examples: int = typer.Option(20, help="Top activating examples per latent."),
+    context: int = typer.Option(8, help="Tokens of context either side of an example."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Site folder (default: "
+                                    "SAE_DIR/features)."),
+    tokens: int | None = typer.Option(None, help="Scan at most this many held-out tokens."),
+    holdout_chunks: int | None = typer.Option(
+        None, help="Read the cache's last N chunks (default: the run's held-out chunks)."),
+    model: str | None = typer.Option(None, help="The model that made the cache, if it cannot be "
+                                     "found from the manifest."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Browse a saved SAE's latents offline: top examples, frequency, histogram, logit effects."""
+    from pipeline.features.run import features as run_features
+
+    index = run_features(sae_dir, cache, latents, examples, context, out, tokens, holdout_chunks,
+                         model, device, progress)
+    typer.echo(f"open {index.resolve()}")
+
+
 def _train(cfg) -> None:
     """Train a sparse autoencoder on one layer and stream of a cache (SAELens folder format out)."""
     from pipeline.train.trainer import train as run_train

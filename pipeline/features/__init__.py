@@ -1,0 +1,1 @@
+"""Offline feature browser: per-latent statistics over held-out cache chunks as a static site."""

@@ -1,0 +1,201 @@
+"""`pipeline features SAE_DIR`: check the inputs, stream the held-out chunks once, look up the
+tokens each latent's decoder direction promotes, and write the static site + features.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache_schema import TOKENS, Manifest, activation_array, chunk_file, hook_name, open_cache
+from pipeline.data.reader import ChunkReader
+from pipeline.devices import resolve_device
+from pipeline.errors import PipelineError
+from pipeline.eval.run import check_sae_fits_cache, load_model_of, model_source_of
+from pipeline.extract import model as models
+from pipeline.features.collect import PAD, block_rows, collect, read_blocks
+from pipeline.features.site import write_site
+from pipeline.remote import local_cache
+from pipeline.sae.io import load_saelens
+
+DEFAULT_LATENTS = 512
+N_LOGITS = 10
+
+
+def parse_latents(spec: str | None, d_sae: int) -> list[int]:
+    """'0-511', '3,17,40', '0-9,100' -> sorted distinct indices; None -> the first 512 (or all)."""
+    if spec is None or not spec.strip():
+        return list(range(min(DEFAULT_LATENTS, d_sae)))
+    if spec.strip() == "all":
+        return list(range(d_sae))
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise PipelineError(f"cannot read latents {spec!r}: give indices and ranges like "
+                                "'0-511' or '3,17,40-49', or 'all'") from None
+    bad = sorted(i for i in out if not 0 <= i < d_sae)
+    if bad:
+        raise PipelineError(f"latent {bad[0]} is out of range: this SAE has {d_sae} latents "
+                            f"(0-{d_sae - 1})")
+    return sorted(out)
+
+
+def holdout_chunk_ids(sae_dir: Path, m: Manifest, holdout_chunks: int | None) -> list[int]:
+    """The last N chunks: N from --holdout-chunks, else the run's train_config.json."""
+    if holdout_chunks is None:
+        path = sae_dir / "train_config.json"
+        run = json.loads(path.read_text()) if path.is_file() else {}
+        holdout_chunks = run.get("holdout_chunks") or 0
+        if holdout_chunks <= 0:
+            raise PipelineError(f"{sae_dir} has no held-out chunks (its train_config.json "
+                                "holds out none, or there is none): pass --holdout-chunks N to "
+                                "browse the cache's last N chunks anyway (it may have seen them)")
+    if not 1 <= holdout_chunks <= m.n_chunks:
+        raise PipelineError(f"--holdout-chunks must be in [1, {m.n_chunks}] for this cache of "
+                            f"{m.n_chunks} chunks, got {holdout_chunks}")
+    return list(range(m.n_chunks - holdout_chunks, m.n_chunks))
+
+
+def check_tokens(root: Path, chunks: list[int]) -> None:
+    """The cache must hold token ids for the chunks: the browser shows text."""
+    missing = [k for k in chunks if not chunk_file(root, TOKENS, 1, k).is_file()]
+    if not Path(root, TOKENS, "zarr.json").is_file() or missing:
+        raise PipelineError(f"cache {root} has no token ids ({TOKENS}/ array"
+                            + (f", chunk {missing[0]}" if missing else "") + " missing): the "
+                            "feature browser needs them to show text; re-extract the cache with "
+                            "`pipeline extract`")
+
+
+def logit_effects(lm, w_dec: torch.Tensor, k: int = N_LOGITS) -> tuple[torch.Tensor, ...]:
+    """Tokens a decoder direction promotes and suppresses, as SAE-Vis computes them: decoder row
+    times the final norm's weight, times the unembedding. Returns top/bottom (values, ids)."""
+    norm = lm.get_decoder().norm.weight if hasattr(lm, "get_decoder") else lm.model.norm.weight
+    w_u = lm.get_output_embeddings().weight  # [vocab, d_model]
+    with torch.no_grad():
+        logits = (w_dec.to(w_u.device, torch.float32) * norm.float()) @ w_u.float().T
+        k = min(k, logits.shape[1])
+        up, down = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
+    return up.values.cpu(), up.indices.cpu(), down.values.cpu(), down.indices.cpu()
+
+
+class Decoder:
+    """Token id -> text, one tokenizer call per distinct id."""
+
+    def __init__(self, tok):
+        self.tok, self.memo = tok, {}
+
+    def __call__(self, i: int) -> str:
+        if i not in self.memo:
+            self.memo[i] = self.tok.decode([i])
+        return self.memo[i]
+
+
+def label_of(examples: list[dict], promoted: list[dict]) -> str:
+    """A short label: the most frequent firing tokens of the top examples (else the promoted)."""
+    counts = Counter(e["text"][e["center"]] for e in examples)
+    words = [w for w, _ in counts.most_common(3)] or [p["token"] for p in promoted[:3]]
+    return " | ".join(w.strip() or repr(w) for w in words)
+
+
+def build_features(stats, decode: Decoder, logits, seq_len: int) -> list[dict]:
+    """The per-latent records of features.json."""
+    up_v, up_i, down_v, down_i = logits
+    width = stats.hist.width.tolist()
+    out = []
+    for j, latent in enumerate(stats.latents):
+        examples = []
+        for slot in range(stats.top.n):
+            value = float(stats.top.values[j, slot])
+            if value <= 0:
+                break
+            row = int(stats.top.rows[j, slot])
+            ids = stats.top.context[j, slot].tolist()
+            acts = stats.top.context_acts[j, slot].tolist()
+            keep = [t != PAD for t in ids]
+            center = sum(keep[:stats.top.m])
+            ids = [t for t, ok in zip(ids, keep, strict=True) if ok]
+            examples.append({"activation": value, "row": row, "sequence": row // seq_len,
+                             "position": row % seq_len, "center": center, "token_ids": ids,
+                             "text": [decode(t) for t in ids],
+                             "activations": [round(a, 5) for a, ok in zip(acts, keep, strict=True) if ok]})
+        promoted = [{"token": decode(int(t)), "id": int(t), "logit": float(v)}
+                    for t, v in zip(up_i[j], up_v[j], strict=True)]
+        suppressed = [{"token": decode(int(t)), "id": int(t), "logit": float(v)}
+                      for t, v in zip(down_i[j], down_v[j], strict=True)]
+        out.append({"index": latent, "frequency": int(stats.fired[j]) / max(stats.tokens, 1),
+                    "fired": int(stats.fired[j]), "max_activation": float(stats.max_act[j]),
+                    "label": label_of(examples, promoted),
+                    "histogram": {"bin_width": width[j],
+                                  "counts": stats.hist.counts[j].tolist()},
+                    "examples": examples, "promoted": promoted, "suppressed": suppressed})
+    return out
+
+
+def features(sae_dir: str | Path, cache: str | None = None, latents: str | None = None,
+             examples: int = 20, context: int = 8, out: str | Path | None = None,
+             tokens: int | None = None, holdout_chunks: int | None = None,
+             model: str | None = None, device: str = "auto", progress: bool = True) -> Path:
+    """Build the feature browser of a saved SAE; returns the path of index.html."""
+    started = time.perf_counter()
+    sae_dir = Path(sae_dir)
+    sae = load_saelens(sae_dir)
+    if cache is None:
+        path = sae_dir / "train_config.json"
+        cache = json.loads(path.read_text()).get("cache") if path.is_file() else None
+        if not cache:
+            raise PipelineError(f"{sae_dir} does not say which cache it was trained on: "
+                                "pass --cache")
+    if examples < 1 or context < 0:
+        raise PipelineError(f"--examples must be at least 1 and --context at least 0, got "
+                            f"{examples} and {context}")
+    if tokens is not None and tokens < 1:
+        raise PipelineError(f"--tokens must be at least 1, got {tokens}")
+    root = local_cache(cache)
+    m = open_cache(root)
+    layer = check_sae_fits_cache(sae.cfg, m, str(cache))
+    chosen = parse_latents(latents, sae.cfg["d_sae"])
+    chunks = holdout_chunk_ids(sae_dir, m, holdout_chunks)
+    check_tokens(Path(root), chunks)
+    src = model_source_of(m, model)  # fail on a missing model before the long pass
+    dev = resolve_device(device)
+    sae = sae.to(dev)
+
+    reader = ChunkReader(root, m)
+    bf16 = m.storage_dtype == "bfloat16"
+    np_dtype = np.dtype(np.int16) if bf16 else np.dtype({"float32": "<f4", "float16": "<f2"}[
+        m.storage_dtype])
+    total = m.rows_per_chunk * len(chunks) if tokens is None else min(
+        tokens, m.rows_per_chunk * len(chunks))
+    block = block_rows(m.context_length, m.rows_per_chunk, len(chosen))
+    blocks = read_blocks(reader, activation_array("clean", hook_name(layer)), chunks,
+                         m.rows_per_chunk, m.d_model, np_dtype, bf16, block, tokens)
+    bar = tqdm(total=total, unit="tok", desc="features", disable=not progress, file=sys.stderr)
+    stats = collect(sae, blocks, chosen, examples, context, m.context_length,
+                    m.special_token_ids, dev, progress=bar.update)
+    bar.close()
+
+    lm = load_model_of(m, model, dev)
+    logits = logit_effects(lm, sae.W_dec[torch.tensor(chosen, device=sae.W_dec.device)])
+    decode = Decoder(models.load_tokenizer(src))
+    data = {"sae": str(sae_dir), "cache": str(cache), "cache_id": m.cache_id,
+            "hook": hook_name(layer), "stream": "clean", "holdout_chunks": chunks,
+            "tokens_scanned": stats.tokens, "d_sae": sae.cfg["d_sae"], "examples": examples,
+            "context": context, "seconds": None,
+            "latents": build_features(stats, decode, logits, m.context_length)}
+    data["seconds"] = round(time.perf_counter() - started, 2)
+    return write_site(Path(out) if out is not None else sae_dir / "features", data)
