@@ -161,7 +161,7 @@ def read_blocks(reader, array: str, chunks: list[int], rows_per_chunk: int, d_mo
                 np_dtype: np.dtype, bfloat16: bool, block: int,
                 max_rows: int | None = None) -> Iterator[Block]:
     """Blocks of `block` rows of the chunks in order (rows in cache order, no shuffling), read
-    with the loader's ChunkReader; stops after max_rows rows (rounded up to a whole block)."""
+    with the loader's ChunkReader; stops once max_rows rows are read (whole blocks)."""
     buf = np.empty((rows_per_chunk, d_model), dtype=np_dtype)
     done = 0
     for k in chunks:

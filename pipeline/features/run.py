@@ -182,6 +182,8 @@ def features(sae_dir: str | Path, cache: str | None = None, latents: str | None 
     total = m.rows_per_chunk * len(chunks) if tokens is None else min(
         tokens, m.rows_per_chunk * len(chunks))
     block = block_rows(m.context_length, m.rows_per_chunk, len(chosen))
+    if tokens is not None:  # --tokens is honoured to whole sequences
+        block = min(block, -(-tokens // m.context_length) * m.context_length)
     blocks = read_blocks(reader, activation_array("clean", hook_name(layer)), chunks,
                          m.rows_per_chunk, m.d_model, np_dtype, bf16, block, tokens)
     bar = tqdm(total=total, unit="tok", desc="features", disable=not progress, file=sys.stderr)
