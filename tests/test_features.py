@@ -31,7 +31,7 @@ from pipeline.errors import PipelineError
 from pipeline.extract.run import finalize
 from pipeline.extract.writer import ChunkWriter, chunk_stats
 from pipeline.features.collect import N_BINS, Histogram, TopExamples
-from pipeline.features.run import features, parse_latents
+from pipeline.features.run import features, logit_effects, parse_latents
 from pipeline.features.site import esc, index_page, visible
 from pipeline.sae import SAEConfig, build_sae
 from pipeline.sae.io import save_saelens
@@ -158,6 +158,12 @@ def test_latent_i_shows_the_occurrences_of_its_token(marked_site, tiny_model):
     assert index.is_file() and len(list((index.parent / "latents").glob("*.html"))) == 8
 
 
+def logits_of(lm, w_dec):
+    """SAE-Vis's logit effects computed by hand: decoder rows * final norm weight @ W_U^T."""
+    with torch.no_grad():
+        return (w_dec * lm.model.norm.weight) @ lm.lm_head.weight.T
+
+
 def test_logit_effects_are_the_decoder_rows_through_the_unembedding(marked_site, tiny_model):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -165,13 +171,22 @@ def test_logit_effects_are_the_decoder_rows_through_the_unembedding(marked_site,
     _, sae_dir, _, data, _ = marked_site
     lm = AutoModelForCausalLM.from_pretrained(tiny_model)
     w_dec = load_file(str(sae_dir / "sae_weights.safetensors"))["W_dec"]
-    logits = (w_dec * lm.model.norm.weight) @ lm.lm_head.weight.T
+    logits = logits_of(lm, w_dec)
     for f in data["latents"]:
         top = logits[f["index"]].topk(10)
         assert [p["id"] for p in f["promoted"]] == top.indices.tolist()
         assert [p["logit"] for p in f["promoted"]] == pytest.approx(top.values.tolist(), rel=1e-4)
         bottom = logits[f["index"]].topk(10, largest=False).indices.tolist()
         assert [p["id"] for p in f["suppressed"]] == bottom
+    # the tiny model's final norm weight is all ones: check that it is applied with a random one
+    with torch.no_grad():
+        lm.model.norm.weight.uniform_(0.1, 3.0)
+    up_v, up_i, down_v, down_i = logit_effects(lm, w_dec)
+    assert torch.allclose(up_v, logits_of(lm, w_dec).topk(10).values, rtol=1e-4)
+    logits = logits_of(lm, w_dec)
+    assert torch.equal(up_i, logits.topk(10).indices)
+    assert torch.equal(down_i, logits.topk(10, largest=False).indices)
+    assert torch.allclose(down_v, logits.topk(10, largest=False).values, rtol=1e-4)
 
 
 def test_top_examples_and_histogram_match_brute_force():
