@@ -5,6 +5,7 @@ renders in a real headless browser; bad inputs are refused with clear errors."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import zlib
@@ -336,6 +337,14 @@ def test_the_site_renders_in_a_headless_browser(marked_site, tmp_path):
     dom = run_browser("--dump-dom", url)
     assert dom.count("<tr>") == 1 + len(data["latents"])  # header + one row per latent
     assert 'href="latents/0.html"' in dom
+    # the table sorts: two clicks on the frequency header put the most frequent latent first
+    clicks = "<script>for(let i=0;i<2;i++)document.querySelectorAll('th')[1].click();</script>"
+    sorted_page = tmp_path / "sorted.html"
+    sorted_page.write_text(index.read_text().replace("</body>", clicks + "</body>"))
+    dom = run_browser("--dump-dom", sorted_page.resolve().as_uri())
+    first = int(re.search(r'href="latents/(\d+)\.html"', dom[dom.index("<tbody>"):]).group(1))
+    freq = {f["index"]: f["frequency"] for f in data["latents"]}
+    assert freq[first] == max(freq.values()) > min(freq.values())
     shot = tmp_path / "index.png"
     run_browser(f"--screenshot={shot}", "--window-size=1000,700", url)
     assert shot.is_file() and png_colors(shot) > 1
