@@ -261,3 +261,20 @@ def test_model_fingerprint_sees_weight_values_not_only_sizes(tmp_path, tiny_mode
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model / f, tmp_path / "other" / f)
     assert folder_fingerprint(tmp_path / "other") != folder_fingerprint(tiny_model)
+
+
+def test_preparing_a_cache_creates_every_array_before_any_chunk(tmp_path, tiny_model, corpus):
+    """With several extraction processes only the first prepares the cache; the others must find
+    every array there (each creating what it found missing raced: one failed on the other's)."""
+    from cache_schema import array_specs
+    from pipeline.extract.run import plan, prepare_output
+
+    m, *_ = plan(tiny_config(tmp_path / "c", tiny_model, corpus))
+    for out in (tmp_path / "c", tmp_path / "killed_after_manifest"):
+        if out.name.startswith("killed"):
+            from cache_schema import write_manifest
+
+            write_manifest(out, m)  # a run killed before it created the arrays
+        assert prepare_output(out, m, overwrite=False) == []
+        for name in array_specs(m):
+            assert (out / name / "zarr.json").is_file(), f"{out.name}: {name} not created"

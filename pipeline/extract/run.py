@@ -38,7 +38,7 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.extract.corpus import pack_sequences
 from pipeline.extract.distributed import Workers, workers
 from pipeline.extract.masking import mask_sequences
-from pipeline.extract.writer import ChunkWriter, chunk_stats
+from pipeline.extract.writer import ChunkWriter, chunk_stats, open_arrays
 from pipeline.remote import is_remote, mirror
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -97,7 +97,9 @@ def _sha256(a: np.ndarray) -> str:
 
 
 def prepare_output(out: Path, m: Manifest, overwrite: bool) -> list[int]:
-    """Create the cache, or check that an existing one is this one; returns chunks already done."""
+    """Create the cache (manifest and every array's metadata), or check that an existing one is
+    this one; returns chunks already done. Run by one process only: with several, the others
+    start after it (creating the arrays from several processes at once races)."""
     if out.exists() and not out.is_dir():
         raise PipelineError(f"output {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
@@ -116,9 +118,11 @@ def prepare_output(out: Path, m: Manifest, overwrite: bool) -> list[int]:
             shutil.rmtree(out)
         else:
             remove_leftovers(out)  # a killed writer's temporary files: not part of the cache
+            open_arrays(out, m)  # a run killed before it created them all
             return list_done_chunks(out)
     try:
         write_manifest(out, m)
+        open_arrays(out, m)
     except OSError as e:
         raise PipelineError(f"cannot write the cache to {out}: {e.strerror or e}") from e
     return []
@@ -175,7 +179,7 @@ def _prepare(out: Path, m: Manifest, overwrite: bool, remote) -> None:
     prepare_output(out, m, overwrite)
     if old_id not in (None, m.cache_id):
         remote.clear_remote()  # --overwrite of a different cache
-    remote.push([out / "zarr.json"])
+    remote.push(sorted(out.rglob("zarr.json")))  # every array's metadata, then the manifest
 
 
 def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progress: bool,
@@ -195,8 +199,6 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
     input_device = next(base.parameters()).device
     vocab_size = base.get_input_embeddings().weight.shape[0]
     writer = ChunkWriter(out, m, on_chunk=_uploader(out, m, remote)) if cfg.write else None
-    if writer is not None and remote is not None:
-        remote.push([p for p in sorted(out.rglob("zarr.json")) if p != out / "zarr.json"])
     spc, bs, R = m.sequences_per_chunk, m.batch_size, m.rows_per_chunk
     special = np.asarray(m.special_token_ids)
     bar = tqdm(total=len(todo) * R, unit="tok", unit_scale=True, desc="extract",
