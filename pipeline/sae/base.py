@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.sae.sparse import mean_l0
+
 PENALTIES = ("shrink", "restore", "off")
 
 
@@ -142,19 +144,34 @@ class SAE(nn.Module):
         return sum(parts.values()), parts, x_hat, z
 
     def extra_loss(self, x, x_hat, pre, z, l1_scale) -> dict[str, torch.Tensor]:
-        """Loss terms besides the reconstruction (default: l1 on mean |z|). Every architecture's
-        latents are ReLU outputs, z >= 0, so mean z is mean |z| without abs's forward and
-        backward passes over the [B, d_sae] latents."""
+        """Loss terms besides the reconstruction (default: l1 on mean |z|, plus weight_terms).
+        Every architecture's latents are ReLU outputs, z >= 0, so mean z is mean |z| without
+        abs's forward and backward passes over the [B, d_sae] latents."""
+        return {"sparsity": self.l1_term(z.sum(), z.numel(), l1_scale), **self.weight_terms()}
+
+    def l1_term(self, z_sum: torch.Tensor, numel: int, l1_scale: torch.Tensor) -> torch.Tensor:
         # a scaled sum, not a mean: mean's backward divides a whole [B, d_sae] tensor
-        return {"sparsity": self.cfg.l1 * l1_scale / z.numel() * z.sum()}
+        return self.cfg.l1 * l1_scale / numel * z_sum
+
+    def weight_terms(self) -> dict[str, torch.Tensor]:
+        """Loss terms on the parameters alone (masked: decoder-norm penalty; gated: entropy)."""
+        return {}
 
     def _count_firing(self, z: torch.Tensor) -> None:
         fired = z.amax(dim=0) > 0  # z >= 0: one reduction, no [B, d_sae] mask
         self.tokens_since_fired.add_(z.shape[0])
         self.tokens_since_fired.masked_fill_(fired, 0)
 
+    def l0(self, code) -> torch.Tensor:
+        """Mean active latents per row of the code that the last loss() returned."""
+        return mean_l0(code)
+
     def update_stats(self, z: torch.Tensor) -> None:
-        """In-step statistics (no grad, in place)."""
+        """In-step statistics from the latents (no grad, in place)."""
+
+    def latent_means(self, means: torch.Tensor) -> None:
+        """In-step statistics from each latent's batch mean of |z|, which the dense ReLU step
+        (pipeline.sae.dense) passes instead of z (masked: the EMA)."""
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -27,10 +27,8 @@ class GatedSAE(SAE):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.gates() * pre)
 
-    def extra_loss(self, x, x_hat, pre, z, l1_scale):
-        out = super().extra_loss(x, x_hat, pre, z, l1_scale)
-        out["gate_entropy"] = self.cfg.gate_reg * binary_entropy(self.gates()).mean()
-        return out
+    def weight_terms(self):
+        return {"gate_entropy": self.cfg.gate_reg * binary_entropy(self.gates()).mean()}
 
     def export_encoder(self):
         gate = self.gates()

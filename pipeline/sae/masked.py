@@ -39,18 +39,19 @@ class MaskedSAE(ReluSAE):
         self.register_buffer("ema", torch.ones(cfg.d_sae))
         self.register_buffer("mask", torch.zeros(cfg.d_sae))
 
-    def extra_loss(self, x, x_hat, pre, z, l1_scale):
-        out = super().extra_loss(x, x_hat, pre, z, l1_scale)
+    def weight_terms(self):
         if self.cfg.penalty == "off":
-            return out
+            return {}
         norms = self.W_dec.norm(dim=1)
         term = norms if self.cfg.penalty == "shrink" else (1 - norms).pow(2)
-        out["penalty"] = self.cfg.absorption * (self.mask * term).mean()
-        return out
+        return {"penalty": self.cfg.absorption * (self.mask * term).mean()}
 
     def update_stats(self, z: torch.Tensor) -> None:
+        self.latent_means(z.abs().mean(dim=0))
+
+    def latent_means(self, means: torch.Tensor) -> None:
         m = self.cfg.mask_momentum
-        self.ema.mul_(m).add_(z.abs().mean(dim=0), alpha=1 - m)
+        self.ema.mul_(m).add_(means, alpha=1 - m)
 
     @torch.no_grad()
     def refresh(self, step: int) -> None:

@@ -5,8 +5,34 @@ from __future__ import annotations
 import torch
 
 from pipeline.sae.base import SAE
+from pipeline.sae.dense import DenseReLU
+from pipeline.sae.workspace import Workspace
 
 
 class ReluSAE(SAE):
+    def __init__(self, cfg, generator=None):
+        super().__init__(cfg, generator)
+        self.workspace = Workspace()
+        self.counts = torch.zeros(cfg.d_sae)  # rows where each latent fired, in the last loss()
+
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)
+
+    def loss(self, x, l1_scale):
+        """The same loss, gradients and statistics as SAE.loss (tested), through DenseReLU:
+        fewer passes over the [B, d_sae] latents, and no new buffers for them."""
+        bias = self.b_enc - self.b_dec @ self.W_enc
+        x_hat, colsum, z, self.counts = DenseReLU.apply(x, self.W_enc, bias, self.W_dec,
+                                                        self.workspace)
+        x_hat = x_hat + self.b_dec
+        parts = {"mse": (x - x_hat).pow(2).mean(),
+                 "sparsity": self.l1_term(colsum.sum(), z.numel(), l1_scale),
+                 **self.weight_terms()}
+        with torch.no_grad():
+            self.tokens_since_fired.add_(len(x))
+            self.tokens_since_fired.masked_fill_(colsum > 0, 0)  # z >= 0: fired iff sum > 0
+            self.latent_means(colsum / len(x))
+        return sum(parts.values()), parts, x_hat, z
+
+    def l0(self, code: torch.Tensor) -> torch.Tensor:
+        return self.counts.sum() / len(code)  # counted in the forward: no pass over z here

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.sae.workspace import Workspace
+
 _SUM = 0  # embedding_bag mode
 
 
@@ -68,12 +70,13 @@ def _per_batch(pre: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
 class SparseEncode(torch.autograd.Function):
     """From one encoder matmul pre = x @ W_enc + bias: the code of the k largest entries per row
     (`per_row`) or of the k*B largest of the batch, and, when `dead` is given, the per-row code
-    of the aux_k largest among dead latents (AuxK). Gradients reach W_enc and bias through
-    those entries only; x gets none (the input is data)."""
+    of the aux_k largest among dead latents (AuxK). `pre` lives in the workspace `ws`.
+    Gradients reach W_enc and bias through those entries only; x gets none (the input is
+    data)."""
 
     @staticmethod
-    def forward(ctx, x, w_enc, bias, k: int, per_row: bool, dead, aux_k: int):
-        pre = torch.addmm(bias, x, w_enc)
+    def forward(ctx, x, w_enc, bias, k: int, per_row: bool, dead, aux_k: int, ws: Workspace):
+        pre = torch.addmm(bias, x, w_enc, out=ws.get("pre", (len(x), w_enc.shape[1]), x))
         main = _per_row(*pre.topk(k, dim=-1, sorted=False)) if per_row else \
             _per_batch(pre, k * len(x))
         codes = [main]
@@ -96,7 +99,7 @@ class SparseEncode(torch.autograd.Function):
         grad_wt = outer_sum(g, latents, rows, x, ctx.d_sae)           # [d_sae, d_in]
         grad_bias = torch.zeros(ctx.d_sae, dtype=x.dtype, device=x.device)
         grad_bias.index_add_(0, latents, g)
-        return None, grad_wt.t(), grad_bias, None, None, None, None
+        return None, grad_wt.t(), grad_bias, None, None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):

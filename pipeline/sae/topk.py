@@ -7,6 +7,7 @@ import torch
 
 from pipeline.sae.base import SAE
 from pipeline.sae.sparse import SparseCode, SparseEncode, sparse_decode
+from pipeline.sae.workspace import Workspace
 
 
 def keep_topk(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -30,6 +31,7 @@ class TopKSAE(SAE):
         # kept as a buffer so that a resumed run continues with the same value.
         self.register_buffer("aux_on", torch.zeros((), dtype=torch.bool))
         self.aux_active = False
+        self.workspace = Workspace()
         self.register_load_state_dict_post_hook(
             lambda module, _keys: setattr(module, "aux_active", bool(module.aux_on)))
 
@@ -81,7 +83,7 @@ class TopKSAE(SAE):
         dead = self.dead_mask() if self.aux_active else None
         bias = self.b_enc - self.b_dec @ self.W_enc
         out = SparseEncode.apply(x, self.W_enc, bias, self.cfg.k, self.per_row, dead,
-                                 self.aux_k())
+                                 self.aux_k(), self.workspace)
         code = SparseCode(*out[:4], d_sae=self.cfg.d_sae)
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
         parts = {"mse": (x - x_hat).pow(2).mean(), "aux": x.new_zeros(())}

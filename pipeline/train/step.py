@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 from pipeline.sae import SAE
-from pipeline.sae.sparse import mean_l0
 
 # Metric sums accumulated on the device between two log points.
 SUMS = ("loss", "mse", "fve", "l0", "steps", "nonfinite")
@@ -86,7 +85,7 @@ class TrainStep:
             s["loss"].add_(loss.detach())
             s["mse"].add_(mse)
             s["fve"].add_(1 - err / var.clamp_min(1e-12))
-            s["l0"].add_(mean_l0(code))
+            s["l0"].add_(self.sae.l0(code))
             s["steps"].add_(1)
             s["nonfinite"].add_((~torch.isfinite(loss.detach())).float())
             idx = torch.remainder(self.step_t, self.history.numel()).view(1)
