@@ -16,14 +16,12 @@ def make_optimizer(sae: SAE, lr: float, betas: tuple[float, float], device: torc
                    ) -> tuple[torch.optim.Adam, torch.Tensor]:
     """Adam whose learning rate is a device tensor (the schedule writes it inside the step).
 
-    CUDA: fused and capturable (its state stays on the device, so the graph can replay it).
-    CPU: the single-tensor implementation, which takes a tensor lr."""
+    Fused on every device: one pass per parameter (on 2 CPU cores, 14 ms instead of 75 ms for
+    the single-tensor implementation at d_sae 18432). CUDA: also capturable (its state stays
+    on the device, so the graph can replay it)."""
     lr_t = torch.tensor(lr, dtype=torch.float32, device=device)
-    if device.type == "cuda":
-        opt = torch.optim.Adam(sae.parameters(), lr=lr_t, betas=betas, fused=True,
-                               capturable=True)
-    else:
-        opt = torch.optim.Adam(sae.parameters(), lr=lr_t, betas=betas, foreach=False)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr_t, betas=betas, fused=True,
+                           capturable=device.type == "cuda")
     return opt, lr_t
 
 
@@ -174,6 +172,9 @@ class TrainStep:
                                       else "cpu")
                 if key in state:
                     state[key].copy_(value)
+                elif value.shape == p.shape:  # moments: in the parameter's own strides (W_enc
+                    # is column-major; fused Adam walks parameter and moments as flat memory)
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
                 else:
                     state[key] = value.clone()
 
