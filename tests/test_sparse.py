@@ -116,10 +116,11 @@ def test_both_outer_sum_kernels_agree():
     g, m = torch.randn(20000, generator=gen), torch.randn(600, 9, generator=gen)
     latents = torch.randint(0, 40, (20000,), generator=gen)
     rows = torch.randint(0, 600, (20000,), generator=gen)
-    ref = torch.zeros(40, 600).index_put((latents, rows), g, accumulate=True) @ m
-    for index_add in (False, True):  # sparse x dense (CPU) and blocked index_add (CUDA)
-        torch.testing.assert_close(outer_sum(g, latents, rows, m, 40, index_add), ref,
-                                   rtol=1e-4, atol=1e-4)
+    for d_sae in (40, 50):  # 50: latents 40-49 have no entries
+        ref = torch.zeros(d_sae, 600).index_put((latents, rows), g, accumulate=True) @ m
+        for index_add in (False, True):  # CSR x dense (CPU) and blocked index_add (CUDA)
+            torch.testing.assert_close(outer_sum(g, latents, rows, m, d_sae, index_add), ref,
+                                       rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

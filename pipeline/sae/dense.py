@@ -18,21 +18,23 @@ from pipeline.sae.workspace import Workspace
 
 
 class DenseReLU(torch.autograd.Function):
-    """From x, W_enc [d_in, d_sae], bias [d_sae] (b_enc with b_dec folded in) and W_dec:
-    (x_hat without b_dec, column sums of z, z, column counts of z > 0) with
-    z = relu(x W_enc + bias) in the workspace. The column sums are differentiable (the l1 term
-    and any per-latent loss on mean z flow through them); z (valid until the next step) and the
-    counts are statistics."""
+    """From x, W_enc [d_in, d_sae], b_enc, b_dec and W_dec [d_sae, d_in]: (x_hat, column sums
+    of z, z, column counts of z > 0) with z = relu((x - b_dec) W_enc + b_enc) in the workspace
+    and x_hat = z W_dec + b_dec. The column sums are differentiable (the l1 term and any
+    per-latent loss on mean z flow through them); z (valid until the next step) and the counts
+    are statistics. b_dec's gradient through the encoder is -W_enc @ grad b_enc, a
+    matrix-vector product."""
 
     @staticmethod
-    def forward(ctx, x, w_enc, bias, w_dec, ws: Workspace):
+    def forward(ctx, x, w_enc, b_enc, b_dec, w_dec, ws: Workspace):
         shape = (x.shape[0], w_enc.shape[1])
         z, grad = ws.get("z", shape, x), ws.get("grad_z", shape, x)
-        torch.addmm(bias, x, w_enc, out=z).relu_()
-        x_hat = z @ w_dec
+        xc = x - b_dec
+        torch.addmm(b_enc, xc, w_enc, out=z).relu_()
+        x_hat = torch.addmm(b_dec, z, w_dec)
         colsum = z.sum(0)
         counts = torch.sign(z, out=grad).sum(0)  # grad is free until the backward: scratch
-        ctx.save_for_backward(x, w_dec)
+        ctx.save_for_backward(xc, w_enc, w_dec)
         ctx.z, ctx.grad = z, grad  # workspace buffers: not versioned, rewritten next step
         ctx.mark_non_differentiable(z, counts)
         ctx.set_materialize_grads(False)  # no [B, d_sae] zeros for z's (absent) gradient
@@ -40,10 +42,10 @@ class DenseReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_xhat, g_colsum, _g_z, _g_counts):
-        x, w_dec = ctx.saved_tensors
+        xc, w_enc, w_dec = ctx.saved_tensors
         z, gz = ctx.z, ctx.grad
         if g_xhat is None:
-            g_xhat = x.new_zeros(x.shape[0], w_dec.shape[1])
+            g_xhat = xc.new_zeros(xc.shape)
         g_xhat = g_xhat.contiguous()
         if g_colsum is None:
             torch.mm(g_xhat, w_dec.t(), out=gz)
@@ -51,6 +53,7 @@ class DenseReLU(torch.autograd.Function):
             torch.addmm(g_colsum, g_xhat, w_dec.t(), out=gz)  # dL/dz: decoder + column sums
         torch.ops.aten.threshold_backward.grad_input(gz, z, 0, grad_input=gz)  # through ReLU
         grad_w_dec = z.t() @ g_xhat
-        grad_w_enc = x.t() @ gz
-        grad_bias = gz.sum(0)
-        return None, grad_w_enc, grad_bias, grad_w_dec, None
+        grad_w_enc = xc.t() @ gz
+        grad_b_enc = gz.sum(0)
+        grad_b_dec = g_xhat.sum(0) - w_enc @ grad_b_enc
+        return None, grad_w_enc, grad_b_enc, grad_b_dec, grad_w_dec, None

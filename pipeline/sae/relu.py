@@ -21,10 +21,8 @@ class ReluSAE(SAE):
     def loss(self, x, l1_scale):
         """The same loss, gradients and statistics as SAE.loss (tested), through DenseReLU:
         fewer passes over the [B, d_sae] latents, and no new buffers for them."""
-        bias = self.b_enc - self.b_dec @ self.W_enc
-        x_hat, colsum, z, self.counts = DenseReLU.apply(x, self.W_enc, bias, self.W_dec,
-                                                        self.workspace)
-        x_hat = x_hat + self.b_dec
+        x_hat, colsum, z, self.counts = DenseReLU.apply(x, self.W_enc, self.b_enc, self.b_dec,
+                                                        self.W_dec, self.workspace)
         parts = {"mse": (x - x_hat).pow(2).mean(),
                  "sparsity": self.l1_term(colsum.sum(), z.numel(), l1_scale),
                  **self.weight_terms()}

@@ -68,38 +68,47 @@ def _per_batch(pre: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
 
 
 class SparseEncode(torch.autograd.Function):
-    """From one encoder matmul pre = x @ W_enc + bias: the code of the k largest entries per row
-    (`per_row`) or of the k*B largest of the batch, and, when `dead` is given, the per-row code
-    of the aux_k largest among dead latents (AuxK). `pre` lives in the workspace `ws`.
-    Gradients reach W_enc and bias through those entries only; x gets none (the input is
-    data)."""
+    """From one encoder matmul pre = (x - b_dec) @ W_enc + b_enc: the code of the k largest
+    entries per row (`per_row`) or of the k*B largest of the batch, and, when `dead` is given,
+    the per-row code of the aux_k largest among dead latents (AuxK). `pre` lives in the
+    workspace `ws`. Gradients reach W_enc, b_enc and b_dec through those entries only (b_dec's
+    is -W_enc @ grad b_enc, a matrix-vector product); x gets none (the input is data)."""
 
     @staticmethod
-    def forward(ctx, x, w_enc, bias, k: int, per_row: bool, dead, aux_k: int, ws: Workspace):
-        pre = torch.addmm(bias, x, w_enc, out=ws.get("pre", (len(x), w_enc.shape[1]), x))
+    def forward(ctx, x, w_enc, b_enc, b_dec, k: int, per_row: bool, dead, aux_k: int,
+                ws: Workspace):
+        xc = x - b_dec
+        pre = torch.addmm(b_enc, xc, w_enc, out=ws.get("pre", (len(x), w_enc.shape[1]), x))
         main = _per_row(*pre.topk(k, dim=-1, sorted=False)) if per_row else \
             _per_batch(pre, k * len(x))
         codes = [main]
         if dead is not None:
             codes.append(_per_row(*pre.masked_fill_(~dead, float("-inf")).topk(
                 aux_k, dim=-1, sorted=False)))
-        vals, latents, rows = (torch.cat([c[i] for c in codes]) for i in range(3))
-        ctx.save_for_backward(x, vals, latents, rows)
-        ctx.d_sae, ctx.sizes = w_enc.shape[1], [len(c[0]) for c in codes]
+        ctx.save_for_backward(xc, w_enc, *(t for c in codes for t in c))
+        ctx.d_sae = w_enc.shape[1]
         out = tuple(t for c in codes for t in c)
         ctx.mark_non_differentiable(*(t for i, t in enumerate(out) if i % 4))
         return out
 
     @staticmethod
     def backward(ctx, *grads):
-        x, vals, latents, rows = ctx.saved_tensors
-        g = torch.cat([gr if gr is not None else x.new_zeros(n)
-                       for gr, n in zip(grads[::4], ctx.sizes, strict=True)])
-        g = g * (vals > 0)                                            # through the ReLU
-        grad_wt = outer_sum(g, latents, rows, x, ctx.d_sae)           # [d_sae, d_in]
-        grad_bias = torch.zeros(ctx.d_sae, dtype=x.dtype, device=x.device)
-        grad_bias.index_add_(0, latents, g)
-        return None, grad_wt.t(), grad_bias, None, None, None, None, None
+        xc, w_enc, *saved = ctx.saved_tensors
+        grad_wt = grad_b_enc = None
+        for i in range(0, len(saved), 4):
+            vals, latents, rows, _offsets = saved[i:i + 4]
+            if grads[i] is None:
+                continue
+            g = grads[i] * (vals > 0)                                    # through the ReLU
+            part = outer_sum(g, latents, rows, xc, ctx.d_sae)  # [d_sae, d_in]
+            bias = torch.zeros(ctx.d_sae, dtype=xc.dtype, device=xc.device).index_add_(
+                0, latents, g)
+            grad_wt = part if grad_wt is None else grad_wt.add_(part)
+            grad_b_enc = bias if grad_b_enc is None else grad_b_enc.add_(bias)
+        if grad_wt is None:
+            return (None,) * 9
+        grad_b_dec = -(w_enc @ grad_b_enc)
+        return None, grad_wt.t(), grad_b_enc, grad_b_dec, None, None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
@@ -134,14 +143,21 @@ def sparse_decode(code: SparseCode, w_dec: torch.Tensor, vals: torch.Tensor | No
 
 def outer_sum(g: torch.Tensor, latents: torch.Tensor, rows: torch.Tensor, m: torch.Tensor,
               d_sae: int, index_add: bool | None = None) -> torch.Tensor:
-    """out[latents[e]] += g[e] * m[rows[e]] over all entries: [d_sae, width]. CPU: one sparse x
-    dense product (MKL). CUDA: index_add in blocks of entries, which has static shapes and no
-    host sync, so it captures in a CUDA graph (a sparse tensor's coalescing does not)."""
+    """out[latents[e]] += g[e] * m[rows[e]] over all entries: [d_sae, width]. CPU: one CSR
+    sparse x dense product (MKL) written into a new tensor with beta 0, which skips the zero
+    fill and the copy that torch.sparse.mm makes around the same product (21 ms instead of
+    45 ms at d_sae 18432, batch 4096, k 32 on 2 cores). CUDA: index_add in blocks of entries,
+    which has static shapes and no host sync, so it captures in a CUDA graph (a sparse
+    tensor's coalescing does not)."""
     if not (m.device.type == "cuda" if index_add is None else index_add):
+        order = torch.argsort(latents)
+        crow = torch.zeros(d_sae + 1, dtype=torch.int64)
+        torch.cumsum(torch.bincount(latents, minlength=d_sae), 0, out=crow[1:])
         with warnings.catch_warnings():  # torch's sparse API still calls itself beta
             warnings.simplefilter("ignore", UserWarning)
-            g_t = torch.sparse_coo_tensor(torch.stack([latents, rows]), g, (d_sae, len(m)))
-            return torch.sparse.mm(g_t, m)
+            s = torch.sparse_csr_tensor(crow, rows[order], g[order], (d_sae, len(m)))
+            out = torch.empty(d_sae, m.shape[1], dtype=m.dtype)
+            return torch.addmm(out, s, m, beta=0, out=out)
     out = torch.zeros(d_sae, m.shape[1], dtype=m.dtype, device=m.device)
     for lo in range(0, len(g), 8192):
         sl = slice(lo, lo + 8192)

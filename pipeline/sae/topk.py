@@ -81,9 +81,8 @@ class TopKSAE(SAE):
         if not self.cfg.sparse:
             return super().loss(x, l1_scale)
         dead = self.dead_mask() if self.aux_active else None
-        bias = self.b_enc - self.b_dec @ self.W_enc
-        out = SparseEncode.apply(x, self.W_enc, bias, self.cfg.k, self.per_row, dead,
-                                 self.aux_k(), self.workspace)
+        out = SparseEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k,
+                                 self.per_row, dead, self.aux_k(), self.workspace)
         code = SparseCode(*out[:4], d_sae=self.cfg.d_sae)
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
         parts = {"mse": (x - x_hat).pow(2).mean(), "aux": x.new_zeros(())}
