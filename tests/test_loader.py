@@ -324,3 +324,18 @@ def test_cuda_batches_equal_cpu_batches(cache):
             assert torch.equal(x.cpu(), next(cpu))
         for x, y in zip(gpu.holdout(), cpu.holdout(), strict=True):
             assert x.device.type == "cuda" and torch.equal(x.cpu(), y)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_split_gather_writes_the_rows_in_order(parts):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.data.background import gather
+
+    rng = np.random.default_rng(0)
+    src = rng.standard_normal((1000, 7)).astype(np.float32)
+    rows = rng.permutation(1000)[:301]
+    out = torch.full((301, 7), float("nan"))
+    with ThreadPoolExecutor(2) as pool:
+        gather(src, rows, out, pool, parts)
+    np.testing.assert_array_equal(out.numpy(), src[rows])

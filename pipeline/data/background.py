@@ -10,6 +10,7 @@ host buffer the chunks are read (or decoded) into.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +76,7 @@ class BatchPipeline:
             self.free_staging.put(i)
         self.stopping = threading.Event()
         self.pool: ThreadPoolExecutor | None = None
+        self.gather_pool: ThreadPoolExecutor | None = None
         self.threads = [threading.Thread(target=self._read_windows, name="loader-windows",
                                          daemon=True),
                         threading.Thread(target=self._assemble, name="loader-batches",
@@ -83,6 +85,8 @@ class BatchPipeline:
     def start_threads(self) -> None:
         if self.n_threads > 1:
             self.pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="loader-read")
+            self.gather_pool = ThreadPoolExecutor(self.n_threads - 1,
+                                                  thread_name_prefix="loader-gather")
         for t in self.threads:
             t.start()
 
@@ -102,8 +106,9 @@ class BatchPipeline:
         for t in self.threads:
             if t.ident is not None and t is not threading.current_thread():
                 t.join(timeout=10)
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (self.pool, self.gather_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         if not self.alive():  # never unmap under a thread still gathering (it would crash)
             for wm in self.maps:
                 wm.close()
@@ -176,7 +181,8 @@ class BatchPipeline:
                 while offset < order.size:
                     n = min(B - filled, order.size - offset)
                     gather(self.windows[wslot], order[offset:offset + n],
-                           self.staging[slot][filled:filled + n])
+                           self.staging[slot][filled:filled + n], self.gather_pool,
+                           self.n_threads)
                     filled, offset = filled + n, offset + n
                     if filled == B:
                         self.ready.put(slot)
@@ -188,9 +194,21 @@ class BatchPipeline:
             self.ready.put(e)
 
 
-def gather(src: np.ndarray, rows: np.ndarray, out: torch.Tensor) -> None:
+def gather(src: np.ndarray, rows: np.ndarray, out: torch.Tensor,
+           pool: ThreadPoolExecutor | None = None, parts: int = 1) -> None:
     """out[:] = src[rows], in that order. np.take with mode="clip" (rows are always in range)
-    writes straight into out, releases the GIL and runs on this thread alone; torch's
-    index_select would start an OpenMP team per calling thread, which stalls when the cores are
-    busy reading."""
-    np.take(src, rows, axis=0, out=out.numpy(), mode="clip")
+    writes straight into out and releases the GIL; torch's index_select would start an OpenMP
+    team per calling thread, which stalls when the cores are busy reading. With a pool, the
+    rows are split into `parts` slices copied at once (this thread takes the last): a random
+    row gather from the page cache runs at ~6 GB/s on one core of these machines and ~14 GB/s
+    on two, faster than one sequential read (bench_loader.py)."""
+    dst = out.numpy()
+    if pool is None or parts < 2 or len(rows) < 2 * parts:
+        np.take(src, rows, axis=0, out=dst, mode="clip")
+        return
+    bounds = np.linspace(0, len(rows), parts + 1).astype(int)
+    jobs = [pool.submit(np.take, src, rows[lo:hi], 0, dst[lo:hi], "clip")
+            for lo, hi in itertools.pairwise(bounds[:-1])]
+    np.take(src, rows[bounds[-2]:], axis=0, out=dst[bounds[-2]:], mode="clip")
+    for job in jobs:
+        job.result()
