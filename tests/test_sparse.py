@@ -138,3 +138,19 @@ def test_sparse_step_captures_in_a_cuda_graph_for_each_auxk_state(arch):
     torch.cuda.synchronize()
     assert set(step.graphs) == {False, True}
     assert torch.isfinite(step.sums["loss"])
+
+
+@pytest.mark.parametrize("width", [1024, 4608, 20000, 36864])  # 36864: two levels of groups
+def test_row_topk_selects_what_torch_topk_selects(width):
+    from pipeline.sae.sparse import row_topk
+
+    gen = torch.Generator().manual_seed(width)
+    pre = torch.randn(64, width, generator=gen)
+    pre[:8, : width // 2] = float("-inf")  # as the AuxK masking leaves rows
+    pre[8:16] = torch.randint(0, 5, (8, width), generator=gen).float()  # ties everywhere
+    vals, idx = row_topk(pre, 32)
+    ref = pre.topk(32, dim=-1, sorted=False)
+    torch.testing.assert_close(vals.sort(-1).values, ref.values.sort(-1).values)
+    torch.testing.assert_close(pre.gather(1, idx), vals)  # the indices point at the values
+    assert all(len(set(row.tolist())) == 32 for row in idx)  # no entry taken twice
+    torch.testing.assert_close(idx[16:].sort(-1).values, ref.indices[16:].sort(-1).values)
