@@ -5,9 +5,10 @@ beyond the five matmuls (ReLU, its mask in the backward, the l1 gradient added t
 the firing and L0 reductions) and allocates a fresh [batch, d_sae] tensor for most of them, which
 on CPU means page faults on every step. Here the latents and their gradient live in two buffers
 that every step reuses, and the extra passes are: ReLU in place, one column sum (which gives the
-l1 term, the firing latents and the masked SAE's per-latent means at once), the l1 gradient
+l1 term, the firing latents and the masked SAE's per-latent means at once), the L0 count (sign
+into the spare buffer, then a column sum), the l1 gradient
 broadcast into the decoder's backward matmul (addmm's input), the ReLU mask applied in place, and
-the encoder-bias gradient. tests/test_sae.py checks loss, gradients and weights against the plain
+the encoder-bias gradient. tests/test_dense.py checks loss, gradients and weights against the plain
 expression."""
 
 from __future__ import annotations
