@@ -103,8 +103,7 @@ class SparseEncode(torch.autograd.Function):
             _per_batch(pre, k * len(x))
         codes = [main]
         if dead is not None:
-            codes.append(_per_row(*pre.masked_fill_(~dead, float("-inf")).topk(
-                aux_k, dim=-1, sorted=False)))
+            codes.append(_per_row(*row_topk(pre.masked_fill_(~dead, float("-inf")), aux_k)))
         ctx.save_for_backward(xc, w_enc, *(t for c in codes for t in c))
         ctx.d_sae = w_enc.shape[1]
         out = tuple(t for c in codes for t in c)
