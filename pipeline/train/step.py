@@ -69,20 +69,19 @@ class TrainStep:
         lr, l1_scale = self._schedule()
         self.lr_t.copy_(lr)
         x = self.x * self.scale
-        loss, _parts, x_hat, code = self.sae.loss(x, l1_scale)
+        loss, parts, _x_hat, code = self.sae.loss(x, l1_scale)
         loss.backward()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.grad_clip)
         self.opt.step()
         self.sae.normalize_decoder()
         with torch.no_grad():
-            err = (x - x_hat).pow(2).sum()
-            var = (x - x.mean(0)).pow(2).sum()
-            mse = (x - x_hat).pow(2).mean()
+            mse = parts["mse"].detach()  # every architecture's reconstruction term
+            var = (x - x.mean(0)).pow(2).mean()
             s = self.sums
             s["loss"].add_(loss.detach())
             s["mse"].add_(mse)
-            s["fve"].add_(1 - err / var.clamp_min(1e-12))
+            s["fve"].add_(1 - mse / var.clamp_min(1e-12))
             s["l0"].add_(self.sae.l0(code))
             s["steps"].add_(1)
             s["nonfinite"].add_((~torch.isfinite(loss.detach())).float())
