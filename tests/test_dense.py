@@ -72,19 +72,32 @@ def test_dense_relu_step_equals_the_plain_expression_over_several_adam_steps(arc
                                    atol=1e-6)
 
 
-def test_dense_relu_step_counts_l1_once_when_l1_is_off():
-    """With l1 = 0 the column sums get no gradient (None in the backward): still the same."""
+def test_dense_relu_with_l1_off_equals_the_plain_expression():
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(2))
-    sae = make("relu")
-    sae.cfg.l1 = 0.0
-    ref = make("relu")
-    ref.cfg.l1 = 0.0
+    sae, ref = make("relu"), make("relu")
+    sae.cfg.l1 = ref.cfg.l1 = 0.0
     loss, *_ = sae.loss(x, torch.tensor(1.0))
     ref_loss, *_ = SAE.loss(ref, x, torch.tensor(1.0))
     loss.backward()
     ref_loss.backward()
     for (n, p), (_, q) in zip(sae.named_parameters(), ref.named_parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_dense_relu_function_when_only_x_hat_has_a_gradient():
+    """Column sums unused: their gradient reaches the backward as None."""
+    from pipeline.sae.dense import DenseReLU
+    from pipeline.sae.workspace import Workspace
+
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
+    sae = make("relu")
+    params = [sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec]
+    x_hat, *_ = DenseReLU.apply(x, *params, Workspace())
+    ours = torch.autograd.grad((x_hat - x).pow(2).sum(), params)
+    plain = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc) @ sae.W_dec + sae.b_dec
+    ref = torch.autograd.grad((plain - x).pow(2).sum(), params)
+    for name, o, r in zip(("W_enc", "b_enc", "b_dec", "W_dec"), ours, ref, strict=True):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -139,7 +139,7 @@ class SAE(nn.Module):
         parts = {"mse": (x - x_hat).pow(2).mean()}
         parts.update(self.extra_loss(x, x_hat, pre, z, l1_scale))
         with torch.no_grad():
-            self._count_firing(z)
+            self.count_firing(z.amax(dim=0) > 0, len(z))  # z >= 0: one reduction, no mask
             self.update_stats(z)
         return sum(parts.values()), parts, x_hat, z
 
@@ -157,9 +157,9 @@ class SAE(nn.Module):
         """Loss terms on the parameters alone (masked: decoder-norm penalty; gated: entropy)."""
         return {}
 
-    def _count_firing(self, z: torch.Tensor) -> None:
-        fired = z.amax(dim=0) > 0  # z >= 0: one reduction, no [B, d_sae] mask
-        self.tokens_since_fired.add_(z.shape[0])
+    def count_firing(self, fired: torch.Tensor, n_tokens: int) -> None:
+        """After a batch of n_tokens in which the latents `fired` ([d_sae] bool) were active."""
+        self.tokens_since_fired.add_(n_tokens)
         self.tokens_since_fired.masked_fill_(fired, 0)
 
     def l0(self, code) -> torch.Tensor:

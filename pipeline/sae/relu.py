@@ -27,8 +27,7 @@ class ReluSAE(SAE):
                  "sparsity": self.l1_term(colsum.sum(), z.numel(), l1_scale),
                  **self.weight_terms()}
         with torch.no_grad():
-            self.tokens_since_fired.add_(len(x))
-            self.tokens_since_fired.masked_fill_(colsum > 0, 0)  # z >= 0: fired iff sum > 0
+            self.count_firing(colsum > 0, len(x))  # z >= 0: fired iff its sum is positive
             self.latent_means(colsum / len(x))
         return sum(parts.values()), parts, x_hat, z
 

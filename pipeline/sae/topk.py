@@ -91,8 +91,7 @@ class TopKSAE(SAE):
             parts["aux"] = self._aux_loss((x - x_hat).detach(), sparse_decode(aux, self.W_dec),
                                           dead)
         with torch.no_grad():
-            self.tokens_since_fired.add_(len(x))
-            self.tokens_since_fired.masked_fill_(code.fired(), 0)
+            self.count_firing(code.fired(), len(x))
             self.update_stats(code.vals)
         return sum(parts.values()), parts, x_hat, code
 
