@@ -179,7 +179,8 @@ def _prepare(out: Path, m: Manifest, overwrite: bool, remote) -> None:
     prepare_output(out, m, overwrite)
     if old_id not in (None, m.cache_id):
         remote.clear_remote()  # --overwrite of a different cache
-    remote.push(sorted(out.rglob("zarr.json")))  # every array's metadata, then the manifest
+    arrays = [p for p in sorted(out.rglob("zarr.json")) if p != out / "zarr.json"]
+    remote.push([*arrays, out / "zarr.json"])  # every array's metadata, then the manifest
 
 
 def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progress: bool,
