@@ -32,6 +32,7 @@ from torch import nn
 from pipeline.data import ActivationLoader
 from pipeline.data.synthetic import write_synthetic_cache
 from pipeline.sae import SAEConfig, build_sae
+from pipeline.train.memory import keep_freed_memory
 from pipeline.train.step import TrainStep
 
 
@@ -254,6 +255,9 @@ def main() -> None:
                    help="(d): the dense topk reference only up to this d_sae (it is slow)")
     args = p.parse_args()
     device = torch.device(args.device)
+    # What TrainStep does on CPU, done first so that the matmul bounds, our steps and the
+    # baselines all run on the same allocator settings (pipeline.train.memory).
+    kept = keep_freed_memory()
     tmp = tempfile.TemporaryDirectory(prefix="bench_train_")
     cache = args.cache
     if cache is None:
@@ -263,6 +267,7 @@ def main() -> None:
                               context_length=128, seed=0, index_column=False)
     graph = device.type == "cuda"
     result: dict = {"device": str(device), "torch_threads": torch.get_num_threads(),
+                    "glibc_keeps_freed_memory": kept,
                     "batch_size": args.batch_size, "steps": args.steps}
     with ActivationLoader(cache, layer=_first_layer(cache),
                           batch_size=args.batch_size, device=device, seed=0) as loader:

@@ -205,6 +205,28 @@ def test_static_step_reads_only_its_input_buffer_and_matches_a_plain_step():
     assert step.history.shape == (4,) and torch.all(step.history > 0)
 
 
+def test_adam_sees_column_major_w_enc_as_a_contiguous_view_and_saves_it_in_its_shape():
+    sae = build_sae(SAEConfig(arch="topk", d_in=8, d_sae=32, k=4),
+                    generator=torch.Generator().manual_seed(0))
+    assert not sae.W_enc.is_contiguous()  # [d_in, d_sae] over [d_sae, d_in] memory
+    step = TrainStep(sae, 16, 8, 1.0, total_steps=10, lr=1e-2)
+    seen = step.views["W_enc"][1]
+    assert seen.is_contiguous() and seen.data_ptr() == sae.W_enc.data_ptr()
+    assert all(q.is_contiguous() for q in step.opt.param_groups[0]["params"])
+    before = sae.W_enc.detach().clone()
+    for _ in range(3):
+        step.load(torch.randn(16, 8))
+        step.run()
+    assert not torch.equal(before, sae.W_enc)  # Adam's view moved the parameter itself
+    saved = step.state_tensors()
+    assert saved["adam.W_enc.exp_avg"].shape == sae.W_enc.shape
+    torch.testing.assert_close(saved["adam.W_enc.exp_avg"].t(), step.opt.state[seen]["exp_avg"])
+    other = TrainStep(build_sae(sae.cfg), 16, 8, 1.0, total_steps=10, lr=1e-2)
+    other.load_state_tensors({k: v.contiguous().clone() for k, v in saved.items()})
+    torch.testing.assert_close(other.opt.state[other.views["W_enc"][1]]["exp_avg_sq"],
+                               step.opt.state[seen]["exp_avg_sq"])
+
+
 def test_schedule_warms_up_and_decays():
     sae = build_sae(SAEConfig(arch="relu", d_in=4, d_sae=8))
     step = TrainStep(sae, 2, 4, 1.0, total_steps=100, lr=1.0, lr_warmup_steps=10,

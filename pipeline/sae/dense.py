@@ -54,7 +54,7 @@ class DenseReLU(torch.autograd.Function):
             torch.addmm(g_colsum, g_xhat, w_dec.t(), out=gz)  # dL/dz: decoder + column sums
         torch.ops.aten.threshold_backward.grad_input(gz, z, 0, grad_input=gz)  # through ReLU
         grad_w_dec = z.t() @ g_xhat
-        grad_w_enc = xc.t() @ gz
+        grad_w_enc = (gz.t() @ xc).t()  # in W_enc's own (column-major) strides: no copy
         grad_b_enc = gz.sum(0)
         grad_b_dec = g_xhat.sum(0) - w_enc @ grad_b_enc
         return None, grad_w_enc, grad_b_enc, grad_b_dec, grad_w_dec, None
