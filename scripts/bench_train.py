@@ -147,14 +147,20 @@ def time_matmuls(fns, reps: int, device: torch.device) -> float:
 
 def matmul_bounds(d_in: int, d_sae: int, batch: int, device: torch.device) -> dict:
     """Seconds of the five matmuls of a dense step (x W_enc, z W_dec; backward: dz = g W_dec^T,
-    dW_dec = z^T g, dW_enc = x^T dpre) and of the encoder matmul alone, at these shapes."""
+    dW_dec = z^T g, dW_enc = x^T dpre) and of the encoder matmul alone, at these shapes, each
+    written into a preallocated output: the arithmetic alone (a new [batch, d_sae] output
+    would add its page faults, 1.2 GB of them at d_sae 73728, to the bound)."""
     x, g = torch.randn(batch, d_in, device=device), torch.randn(batch, d_in, device=device)
     w_enc = torch.randn(d_in, d_sae, device=device)
     w_dec = torch.randn(d_sae, d_in, device=device)
     z = torch.randn(batch, d_sae, device=device)
-    five = time_matmuls([lambda: x @ w_enc, lambda: z @ w_dec, lambda: g @ w_dec.t(),
-                         lambda: z.t() @ g, lambda: x.t() @ z], 2, device)
-    encoder = time_matmuls([lambda: x @ w_enc], 3, device)
+    wide, narrow = torch.empty_like(z), torch.empty_like(x)
+    five = time_matmuls([lambda: torch.mm(x, w_enc, out=wide),
+                         lambda: torch.mm(z, w_dec, out=narrow),
+                         lambda: torch.mm(g, w_dec.t(), out=wide),
+                         lambda: torch.mm(z.t(), g, out=w_dec),
+                         lambda: torch.mm(x.t(), z, out=w_enc)], 2, device)
+    encoder = time_matmuls([lambda: torch.mm(x, w_enc, out=wide)], 3, device)
     return {"five_matmuls_s": five, "encoder_matmul_s": encoder,
             "dense_bound_steps_per_s": 1 / five, "encoder_bound_steps_per_s": 1 / encoder}
 

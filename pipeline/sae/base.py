@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.sae.mse import squared_error
 from pipeline.sae.sparse import mean_l0
 
 PENALTIES = ("shrink", "restore", "off")
@@ -136,7 +137,7 @@ class SAE(nn.Module):
         pre = self.pre_activation(x)
         z = self.train_activation(pre)
         x_hat = self.decode(z)
-        parts = {"mse": (x - x_hat).pow(2).mean()}
+        parts = {"mse": squared_error(x, x_hat)[0]}
         parts.update(self.extra_loss(x, x_hat, pre, z, l1_scale))
         with torch.no_grad():
             self.count_firing(z.amax(dim=0) > 0, len(z))  # z >= 0: one reduction, no mask

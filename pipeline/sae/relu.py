@@ -6,6 +6,7 @@ import torch
 
 from pipeline.sae.base import SAE
 from pipeline.sae.dense import DenseReLU
+from pipeline.sae.mse import squared_error
 from pipeline.sae.workspace import Workspace
 
 
@@ -23,7 +24,7 @@ class ReluSAE(SAE):
         fewer passes over the [B, d_sae] latents, and no new buffers for them."""
         x_hat, colsum, z, self.counts = DenseReLU.apply(x, self.W_enc, self.b_enc, self.b_dec,
                                                         self.W_dec, self.workspace)
-        parts = {"mse": (x - x_hat).pow(2).mean(),
+        parts = {"mse": squared_error(x, x_hat)[0],
                  "sparsity": self.l1_term(colsum.sum(), z.numel(), l1_scale),
                  **self.weight_terms()}
         with torch.no_grad():

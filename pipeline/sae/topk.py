@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.sae.base import SAE
+from pipeline.sae.mse import squared_error
 from pipeline.sae.sparse import SparseCode, SparseEncode, sparse_decode
 from pipeline.sae.workspace import Workspace
 
@@ -85,11 +86,11 @@ class TopKSAE(SAE):
                                  self.per_row, dead, self.aux_k(), self.workspace)
         code = SparseCode(*out[:4], d_sae=self.cfg.d_sae)
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
-        parts = {"mse": (x - x_hat).pow(2).mean(), "aux": x.new_zeros(())}
+        mse, err = squared_error(x, x_hat)
+        parts = {"mse": mse, "aux": x.new_zeros(())}
         if dead is not None:
             aux = SparseCode(*out[4:], d_sae=self.cfg.d_sae)
-            parts["aux"] = self._aux_loss((x - x_hat).detach(), sparse_decode(aux, self.W_dec),
-                                          dead)
+            parts["aux"] = self._aux_loss(err, sparse_decode(aux, self.W_dec), dead)
         with torch.no_grad():
             self.count_firing(code.fired(), len(x))
             self.update_stats(code.vals)

@@ -104,7 +104,8 @@ class TrainStep:
         self.sae.normalize_decoder()
         with torch.no_grad():
             mse = parts["mse"].detach()  # every architecture's reconstruction term
-            var = (x - x.mean(0)).pow(2).mean()
+            centred = (x - x.mean(0)).view(-1)  # mean of the per-dimension variances; a dot
+            var = torch.dot(centred, centred) / centred.numel()  # (Tensor.var(0): 10x slower)
             s = self.sums
             s["loss"].add_(loss.detach())
             s["mse"].add_(mse)
