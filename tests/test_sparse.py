@@ -154,3 +154,19 @@ def test_row_topk_selects_what_torch_topk_selects(width):
     torch.testing.assert_close(pre.gather(1, idx), vals)  # the indices point at the values
     assert all(len(set(row.tolist())) == 32 for row in idx)  # no entry taken twice
     torch.testing.assert_close(idx[16:].sort(-1).values, ref.indices[16:].sort(-1).values)
+
+
+def test_batch_wide_topk_takes_the_grouped_path_and_selects_what_torch_topk_selects():
+    from pipeline.sae.sparse import _per_batch
+
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(48, 256, generator=gen)  # d_sae 256 >= 32 k: the grouped path
+    pre[:4] = torch.randint(0, 3, (4, 256), generator=gen).float()  # ties
+    n = 4 * 48
+    vals, latents, rows, offsets = _per_batch(pre, n)
+    ref = pre.view(-1).topk(n, sorted=False).values
+    torch.testing.assert_close(vals.sort().values, torch.relu(ref).sort().values)
+    torch.testing.assert_close(torch.relu(pre[rows, latents]), vals)
+    assert len(set((rows * 256 + latents).tolist())) == n  # no entry taken twice
+    assert torch.all(rows[1:] >= rows[:-1])  # by row, as the code's offsets say
+    torch.testing.assert_close(offsets, torch.searchsorted(rows, torch.arange(48)))
