@@ -4,15 +4,16 @@ A CPU step allocates and frees the same temporaries every step (activations, gra
 views). glibc serves blocks above its mmap threshold (128 KiB, raised on the fly up to 32 MiB)
 with fresh mmaps and gives them back to the kernel when freed, and trims the top of its heap the
 same way, so every step page-faults its temporaries in again and the kernel zeroes each page
-first. On these 2-core machines that was a fifth of a TopK step at d_sae 4608 (about 230 ->
-170 ms, scripts/bench_train.py runs with and without). Raising both thresholds keeps those
-blocks on glibc's free lists, where the next step finds them; the process's resident size stays
-at its peak instead of shrinking between steps."""
+first (scripts/bench_allocator.py measures a step with and without). Raising both thresholds
+keeps those blocks on glibc's free lists, where the next step finds them; the process's resident
+size stays near its peak instead of shrinking between steps. PIPELINE_KEEP_FREED_MEMORY=0 in the
+environment leaves glibc's defaults alone."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
@@ -23,8 +24,10 @@ _done: bool | None = None
 
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds to KEEP_BYTES, once per process. Returns whether
-    they are raised (False off Linux, or where the C library is not glibc)."""
+    they are raised (False off Linux, where the C library is not glibc, or when turned off)."""
     global _done
+    if os.environ.get("PIPELINE_KEEP_FREED_MEMORY", "1") == "0":
+        return False
     if _done is None:
         _done = _mallopt(M_MMAP_THRESHOLD, KEEP_BYTES) and _mallopt(M_TRIM_THRESHOLD, KEEP_BYTES)
     return _done
