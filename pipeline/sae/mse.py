@@ -13,10 +13,9 @@ class SquaredError(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_hat):
         err = x - x_hat
-        flat = err.reshape(-1)
         ctx.save_for_backward(err)
         ctx.mark_non_differentiable(err)
-        return torch.dot(flat, flat) / flat.numel(), err
+        return mean_square(err), err
 
     @staticmethod
     def backward(ctx, g, _g_err):
@@ -29,3 +28,9 @@ class SquaredError(torch.autograd.Function):
 def squared_error(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean over all entries of (x - x_hat)^2, the residual x - x_hat (no gradient))."""
     return SquaredError.apply(x, x_hat)
+
+
+def mean_square(t: torch.Tensor) -> torch.Tensor:
+    """Mean of t's squared entries as one dot product (no squared temporary)."""
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat) / flat.numel()

@@ -165,11 +165,16 @@ def entry_dots(g: torch.Tensor, w: torch.Tensor, latents: torch.Tensor, offsets:
     """dot(g[b], w[latents[e]]) for every entry e of every row b (row b's entries start at
     offsets[b]), in entry order: the product g w^T sampled at the code's pattern (CPU)."""
     crow = torch.cat([offsets, offsets.new_tensor([len(latents)])])
-    with warnings.catch_warnings():  # the CSR API's beta warning
+    pattern = csr_tensor(crow, latents, g.new_zeros(len(latents)), (len(g), len(w)))
+    return torch.sparse.sampled_addmm(pattern, g, w.t(), beta=0).values()
+
+
+def csr_tensor(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+               shape: tuple[int, int]) -> torch.Tensor:
+    """torch.sparse_csr_tensor without the warning that torch's sparse API is in beta."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, latents, g.new_zeros(len(latents)),
-                                          (len(g), len(w)))
-        return torch.sparse.sampled_addmm(pattern, g, w.t(), beta=0).values()
+        return torch.sparse_csr_tensor(crow, cols, values, shape)
 
 
 def sparse_decode(code: SparseCode, w_dec: torch.Tensor, vals: torch.Tensor | None = None
@@ -191,11 +196,9 @@ def outer_sum(g: torch.Tensor, latents: torch.Tensor, rows: torch.Tensor, m: tor
         order = torch.argsort(latents)
         crow = torch.zeros(d_sae + 1, dtype=torch.int64)
         torch.cumsum(torch.bincount(latents, minlength=d_sae), 0, out=crow[1:])
-        with warnings.catch_warnings():  # torch's sparse API still calls itself beta
-            warnings.simplefilter("ignore", UserWarning)
-            s = torch.sparse_csr_tensor(crow, rows[order], g[order], (d_sae, len(m)))
-            out = torch.empty(d_sae, m.shape[1], dtype=m.dtype)
-            return torch.addmm(out, s, m, beta=0, out=out)
+        s = csr_tensor(crow, rows[order], g[order], (d_sae, len(m)))
+        out = torch.empty(d_sae, m.shape[1], dtype=m.dtype)
+        return torch.addmm(out, s, m, beta=0, out=out)
     out = torch.zeros(d_sae, m.shape[1], dtype=m.dtype, device=m.device)
     for lo in range(0, len(g), 8192):
         sl = slice(lo, lo + 8192)
