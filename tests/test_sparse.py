@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.sae import SAEConfig, build_sae
+from pipeline.sae import SAEConfig, build_sae, native
 from pipeline.sae.sparse import SparseCode, outer_sum, sparse_decode
 
 ARCHS = ("topk", "batchtopk")
@@ -59,8 +59,17 @@ def assert_same_steps(arch: str, x: torch.Tensor) -> None:
                                    rtol=1e-4, atol=1e-6)
 
 
+def paths(monkeypatch, use_native: bool) -> None:
+    """Take the C top-k kernel (skip where it cannot be built) or torch's path."""
+    monkeypatch.setenv("PIPELINE_NATIVE", "1" if use_native else "0")
+    if use_native and native.library() is None:
+        pytest.skip("no C compiler: the CPU top-k kernel is not built")
+
+
+@pytest.mark.parametrize("use_native", [True, False])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_sparse_and_dense_steps_agree_over_several_adam_steps(arch):
+def test_sparse_and_dense_steps_agree_over_several_adam_steps(arch, use_native, monkeypatch):
+    paths(monkeypatch, use_native)
     assert_same_steps(arch, torch.randn(300, 32, generator=torch.Generator().manual_seed(1)))
 
 
@@ -140,10 +149,12 @@ def test_sparse_step_captures_in_a_cuda_graph_for_each_auxk_state(arch):
     assert torch.isfinite(step.sums["loss"])
 
 
+@pytest.mark.parametrize("use_native", [True, False])
 @pytest.mark.parametrize("width", [1024, 4608, 20000, 36864])  # 36864: two levels of groups
-def test_row_topk_selects_what_torch_topk_selects(width):
+def test_row_topk_selects_what_torch_topk_selects(width, use_native, monkeypatch):
     from pipeline.sae.sparse import row_topk
 
+    paths(monkeypatch, use_native)
     gen = torch.Generator().manual_seed(width)
     pre = torch.randn(64, width, generator=gen)
     pre[:8, : width // 2] = float("-inf")  # as the AuxK masking leaves rows
@@ -154,11 +165,18 @@ def test_row_topk_selects_what_torch_topk_selects(width):
     torch.testing.assert_close(pre.gather(1, idx), vals)  # the indices point at the values
     assert all(len(set(row.tolist())) == 32 for row in idx)  # no entry taken twice
     torch.testing.assert_close(idx[16:].sort(-1).values, ref.indices[16:].sort(-1).values)
+    bias = torch.randn(width, generator=gen)
+    vals, idx = row_topk(pre, 32, bias)  # the bias folded in: the same as adding it first
+    ref = (pre + bias).topk(32, dim=-1, sorted=False)
+    torch.testing.assert_close(vals.sort(-1).values, ref.values.sort(-1).values)
+    torch.testing.assert_close((pre + bias).gather(1, idx), vals)
 
 
-def test_batch_wide_topk_takes_the_grouped_path_and_selects_what_torch_topk_selects():
+@pytest.mark.parametrize("use_native", [True, False])
+def test_batch_wide_topk_selects_what_torch_topk_selects(use_native, monkeypatch):
     from pipeline.sae.sparse import _per_batch
 
+    paths(monkeypatch, use_native)
     gen = torch.Generator().manual_seed(0)
     pre = torch.randn(48, 256, generator=gen)  # d_sae 256 >= 32 k: the grouped path
     pre[:4] = torch.randint(0, 3, (4, 256), generator=gen).float()  # ties

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.sae import native
 from pipeline.sae.workspace import Workspace
 
 _SUM = 0  # embedding_bag mode
@@ -49,21 +50,29 @@ def mean_l0(code: torch.Tensor | SparseCode) -> torch.Tensor:
     return (code > 0).sum(dtype=torch.int32).float() / len(code)  # latents are ReLU outputs
 
 
-def row_topk(pre: torch.Tensor, k: int, stride: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest entries of each row (values, indices; unordered), as torch.topk gives them,
-    but cheaper on CPU for wide rows: split each row into `stride`-element groups of columns
-    {g, g + G, g + 2G, ...} (G = width / stride; one amax over a middle axis, contiguous and
-    vectorised), take the k groups with the largest maxima (the same way, recursively), and the
-    k largest among their k * stride entries. Exact: outside those k groups no entry exceeds
-    the k-th largest group maximum, and the k groups hold k entries at least that large. On 2
-    cores at batch 4096, k 32: 30 -> 22 ms at width 4608, 82 -> 48 at 18432, 287 -> 113 at
-    73728. Elsewhere (CUDA, narrow rows, widths not divisible) it is torch.topk."""
+def row_topk(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None, stride: int = 16
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of pre + bias (bias: [width] or None), as values and
+    indices (unordered), as torch.topk gives them. On CPU in float32: the C kernel of
+    pipeline.sae.native, which adds the bias in the same pass (at batch 4096, k 32 on 2 cores,
+    with the bias: 9 ms at width 4608, 21 at 18432, 73 at 73728; the torch path below takes
+    24, 47 and 107 ms, after a bias add in the encoder's addmm of 4 to 435 ms). Without the
+    kernel, for wide rows: split each row into `stride`-element groups of columns {g, g + G,
+    g + 2G, ...} (G = width / stride; one amax over a middle axis, contiguous and vectorised),
+    take the k groups with the largest maxima (the same way, recursively), and the k largest
+    among their k * stride entries. Exact: outside those k groups no entry exceeds the k-th
+    largest group maximum, and the k groups hold k entries at least that large. Elsewhere
+    (CUDA, narrow rows, widths not divisible) it is torch.topk."""
+    if native.usable(pre):
+        return native.topk_rows(pre, k, bias)
+    if bias is not None:
+        pre = pre + bias
     b, width = pre.shape
     if pre.device.type != "cpu" or width < 32 * k or width % stride:
         return pre.topk(k, dim=-1, sorted=False)
     groups = width // stride
     by_group = pre.view(b, stride, groups)
-    best = row_topk(by_group.amax(1), k, stride)[1]                           # [b, k] groups
+    best = row_topk(by_group.amax(1), k, stride=stride)[1]                    # [b, k] groups
     cand = torch.gather(by_group, 2, best.unsqueeze(1).expand(b, stride, k))  # [b, stride, k]
     vals, at = cand.reshape(b, stride * k).topk(k, dim=-1, sorted=False)
     return vals, best.gather(1, at % k) + (at // k) * groups
@@ -79,9 +88,9 @@ def _per_row(top: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def _per_batch(pre: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     """(vals, latents, rows, offsets) of the n largest entries of the whole batch, by row.
-    The batch as one row through row_topk: 154 -> 42 ms at d_sae 4608, 918 -> 64 ms at 18432
-    (batch 4096, n = 32 x 4096) against torch.topk over the flat batch, which runs on one
-    core."""
+    The batch as one row through row_topk: at d_sae 4608, batch 4096, n = 32 x 4096 on 2 cores,
+    15 ms in the C kernel, 68 ms on the grouped torch path, 154 ms in torch.topk over the flat
+    batch, which runs on one core."""
     b, d_sae = pre.shape
     top, flat = (t[0] for t in row_topk(pre.view(1, -1), n))
     flat, order = flat.sort()
@@ -101,12 +110,23 @@ class SparseEncode(torch.autograd.Function):
     def forward(ctx, x, w_enc, b_enc, b_dec, k: int, per_row: bool, dead, aux_k: int,
                 ws: Workspace):
         xc = x - b_dec
-        pre = torch.addmm(b_enc, xc, w_enc, out=ws.get("pre", (len(x), w_enc.shape[1]), x))
-        main = _per_row(*row_topk(pre, k)) if per_row else \
-            _per_batch(pre, k * len(x))
+        pre = ws.get("pre", (len(x), w_enc.shape[1]), x)
+        if native.usable(x):  # the CPU kernel adds b_enc in its own pass over pre
+            pre, lacking = torch.mm(xc, w_enc, out=pre), b_enc
+        else:
+            pre, lacking = torch.addmm(b_enc, xc, w_enc, out=pre), None
+        if per_row:
+            main = _per_row(*row_topk(pre, k, lacking))
+        else:
+            if lacking is not None:
+                pre, lacking = pre.add_(lacking), None
+            main = _per_batch(pre, k * len(x))
         codes = [main]
-        if dead is not None:
-            codes.append(_per_row(*row_topk(pre.masked_fill_(~dead, float("-inf")), aux_k)))
+        if dead is not None:  # live latents out of reach: -inf
+            only_dead = torch.zeros_like(b_enc).masked_fill_(~dead, float("-inf"))
+            if lacking is not None:
+                only_dead += lacking
+            codes.append(_per_row(*row_topk(pre, aux_k, only_dead)))
         ctx.save_for_backward(xc, w_enc, *(t for c in codes for t in c))
         ctx.d_sae = w_enc.shape[1]
         out = tuple(t for c in codes for t in c)

@@ -1,0 +1,95 @@
+"""The C top-k kernel (pipeline/sae/topk_rows.c) against torch.topk: each instruction-set path
+it has, the edge cases of SAE training (rows masked to -inf, ties, NaN), and its fallback."""
+
+from __future__ import annotations
+
+import platform
+import warnings
+
+import pytest
+import torch
+
+from pipeline.sae import native
+
+# Each vector path of the kernel, forced off in turn (x86 only: the flags are x86's).
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+VARIANTS = [(), ("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2")] if X86 else [()]
+
+
+@pytest.fixture(params=VARIANTS, ids=["native", "avx2", "scalar"][:len(VARIANTS)])
+def lib(request):
+    lib = native.library(request.param)
+    if lib is None:
+        pytest.skip("no C compiler: the CPU top-k kernel is not built")
+    return lib
+
+
+def check(pre: torch.Tensor, k: int, bias: torch.Tensor | None, lib) -> None:
+    vals, idx = native.topk_rows(pre, k, bias, lib=lib)
+    full = pre if bias is None else pre + bias
+    ref = full.topk(k, dim=-1, sorted=False)
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(vals.sort(-1).values, ref.values.sort(-1).values, **exact)
+    torch.testing.assert_close(full.gather(1, idx), vals, **exact)  # indices point at values
+    assert all(len(set(row.tolist())) == k for row in idx)  # no entry taken twice
+
+
+@pytest.mark.parametrize("width,k", [(4608, 32), (1000, 7), (577, 33), (64, 64), (50, 1),
+                                     (40, 30)])
+def test_kernel_selects_what_torch_topk_selects(lib, width, k):
+    gen = torch.Generator().manual_seed(width + k)
+    pre = torch.randn(37, width, generator=gen)
+    pre[:4] = torch.randint(0, 4, (4, width), generator=gen).float()  # ties everywhere
+    pre[4:8, ::3] = float("-inf")
+    pre[8:10] = pre[8:10].sort(-1).values  # increasing and decreasing rows: worst cases
+    pre[10:12] = pre[10:12].sort(-1, descending=True).values
+    pre[12, 5] = float("nan")  # NaN counts as the largest, as in torch.topk
+    pre[13, :] = float("nan")
+    for bias in (None, torch.randn(width, generator=gen)):
+        check(pre, k, bias, lib)
+
+
+def test_rows_with_fewer_eligible_entries_than_k_fill_with_minus_infinity(lib):
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(16, 512, generator=gen)
+    only_dead = torch.full((512,), float("-inf"))
+    only_dead[torch.randperm(512, generator=gen)[:20]] = 0.0  # 20 dead latents, aux_k 32
+    vals, idx = native.topk_rows(pre, 32, only_dead, lib=lib)
+    check(pre, 32, only_dead, lib)
+    assert torch.isinf(vals).sum(1).eq(12).all()
+    finite = idx[torch.isfinite(vals)].view(16, 20)
+    assert torch.equal(finite.sort(1).values[0], (only_dead == 0).nonzero()[:, 0])
+
+
+def test_one_wide_row_as_batch_topk_calls_it(lib):
+    gen = torch.Generator().manual_seed(1)
+    check(torch.randn(1, 300_000, generator=gen), 9_000, None, lib)  # scratch grows
+
+
+def test_empty_batch_and_threads(lib):
+    vals, idx = native.topk_rows(torch.randn(0, 64), 4, lib=lib)
+    assert vals.shape == idx.shape == (0, 4)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            check(torch.randn(300, 4096), 16, None, lib)  # split into `threads` parts
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bad_arguments_are_refused(lib):
+    with pytest.raises(ValueError, match="k 65 out of range"):
+        native.topk_rows(torch.randn(2, 64), 65, lib=lib)
+    with pytest.raises(ValueError, match=r"bias shape \(63,\)"):
+        native.topk_rows(torch.randn(2, 64), 4, torch.randn(63), lib=lib)
+
+
+def test_without_a_compiler_torch_is_used_and_a_warning_says_why(monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert native.library(("-DNO_SUCH_BUILD",)) is None
+    assert any("could not be built" in str(w.message) for w in caught)
+    monkeypatch.setenv("PIPELINE_NATIVE", "0")
+    assert not native.usable(torch.zeros(1))
