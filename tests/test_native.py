@@ -1,5 +1,6 @@
-"""The C top-k kernel (pipeline/sae/topk_rows.c) against torch.topk: each instruction-set path
-it has, the edge cases of SAE training (rows masked to -inf, ties, NaN), and its fallback."""
+"""The C kernels (pipeline/sae/kernels.c) against torch: each instruction-set path of the top-k,
+the edge cases of SAE training (rows masked to -inf, ties, NaN, latents without entries), index
+checks, and the fallback without a compiler."""
 
 from __future__ import annotations
 
@@ -83,6 +84,39 @@ def test_bad_arguments_are_refused(lib):
         native.topk_rows(torch.randn(2, 64), 65, lib=lib)
     with pytest.raises(ValueError, match=r"bias shape \(63,\)"):
         native.topk_rows(torch.randn(2, 64), 4, torch.randn(63), lib=lib)
+
+
+def test_outer_sum_and_entry_dots_match_dense_products(lib):
+    gen = torch.Generator().manual_seed(3)
+    n, rows, d_sae, width = 5000, 300, 70, 19  # latents 60-69 get no entries
+    latents = torch.randint(0, 60, (n,), generator=gen)
+    at = torch.randint(0, rows, (n,), generator=gen)
+    g, m = torch.randn(n, generator=gen), torch.randn(rows, width, generator=gen)
+    ref = torch.zeros(d_sae, rows).index_put((latents, at), g, accumulate=True) @ m
+    torch.testing.assert_close(native.outer_sum(g, latents, at, m, d_sae, lib=lib), ref,
+                               rtol=1e-4, atol=1e-4)
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert native.outer_sum(torch.zeros(0), empty, empty, m, 5, lib=lib).abs().sum() == 0
+    order = at.sort().indices  # entries by row, rows 0-299, some rows empty
+    by_row, lat = at[order], latents[order]
+    offsets = torch.searchsorted(by_row, torch.arange(rows))
+    w = torch.randn(d_sae, width, generator=gen)
+    torch.testing.assert_close(native.entry_dots(m, w, lat, offsets, lib=lib),
+                               (m[by_row] * w[lat]).sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_range_indices_raise_instead_of_reading_past_the_end(lib):
+    m, g = torch.randn(10, 4), torch.randn(3)
+    ok = torch.tensor([0, 1, 2])
+    for latents, rows in ((torch.tensor([0, 5, 1]), ok), (torch.tensor([0, -1, 1]), ok),
+                          (ok, torch.tensor([0, 10, 1]))):
+        with pytest.raises(IndexError, match="outer_sum"):
+            native.outer_sum(g, latents, rows, m, 5, lib=lib)
+    with pytest.raises(IndexError, match="entry_dots"):
+        native.entry_dots(m, torch.randn(5, 4), torch.tensor([0, 7, 1]),
+                          torch.tensor([0] * 10), lib=lib)
+    with pytest.raises(IndexError, match="entry_dots"):  # offsets not increasing
+        native.entry_dots(m, torch.randn(5, 4), ok, torch.tensor([0, 2, 1] + [3] * 7), lib=lib)
 
 
 def test_without_a_compiler_torch_is_used_and_a_warning_says_why(monkeypatch):

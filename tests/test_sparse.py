@@ -102,7 +102,9 @@ def test_the_auxk_switch_survives_a_state_dict_round_trip():
     assert fresh.aux_active
 
 
-def test_sparse_decode_gradients_match_autograd_of_the_dense_product():
+@pytest.mark.parametrize("use_native", [True, False])
+def test_sparse_decode_gradients_match_autograd_of_the_dense_product(use_native, monkeypatch):
+    paths(monkeypatch, use_native)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(50, 7, generator=g, requires_grad=True)
     rows = torch.randint(0, 1100, (3000,), generator=g).sort().values  # empty rows included
@@ -120,14 +122,16 @@ def test_sparse_decode_gradients_match_autograd_of_the_dense_product():
     torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-4)
 
 
-def test_both_outer_sum_kernels_agree():
+@pytest.mark.parametrize("use_native", [True, False])
+def test_every_outer_sum_kernel_agrees(use_native, monkeypatch):
+    paths(monkeypatch, use_native)
     gen = torch.Generator().manual_seed(2)
     g, m = torch.randn(20000, generator=gen), torch.randn(600, 9, generator=gen)
     latents = torch.randint(0, 40, (20000,), generator=gen)
     rows = torch.randint(0, 600, (20000,), generator=gen)
     for d_sae in (40, 50):  # 50: latents 40-49 have no entries
         ref = torch.zeros(d_sae, 600).index_put((latents, rows), g, accumulate=True) @ m
-        for index_add in (False, True):  # CSR x dense (CPU) and blocked index_add (CUDA)
+        for index_add in (False, True):  # C or CSR x dense (CPU); blocked index_add (CUDA)
             torch.testing.assert_close(outer_sum(g, latents, rows, m, d_sae, index_add), ref,
                                        rtol=1e-4, atol=1e-4)
 

@@ -1,9 +1,10 @@
-"""The CPU top-k kernel (topk_rows.c), compiled on first use with the machine's C compiler and
-loaded through ctypes: no torch headers, so a build takes about half a second. The shared
-library is kept under PIPELINE_HOME/kernels, named by a hash of the source, the compiler and its
-flags and the CPU's feature flags (it is built with -march=native), and written under a temporary
-name first, so processes that build it at once do not clash. Where no compiler works, or with
-PIPELINE_NATIVE=0 in the environment, `topk_rows` is unavailable and callers use torch."""
+"""The C kernels of the k-sparse step on CPU (kernels.c: top-k rows, the by-latent outer-product
+sum, the per-entry dot products), compiled on first use with the machine's C compiler and loaded
+through ctypes: no torch headers, so a build takes about a second. The shared library is kept
+under PIPELINE_HOME/kernels, named by a hash of the source, the compiler and its flags and the
+CPU's feature flags (it is built with -march=native), and written under a temporary name first,
+so processes that build it at once do not clash. Where no compiler works, or with
+PIPELINE_NATIVE=0 in the environment, `usable` is False and callers use torch."""
 
 from __future__ import annotations
 
@@ -19,8 +20,12 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("topk_rows.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fopenmp", "-shared", "-fPIC")
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+SIGNATURES = {"topk_rows": [_P, _P, _I, _I, _I, _P, _P],
+              "outer_sum": [_P, _P, _P, _I, _P, _I, _I, _I, _P],
+              "entry_dots": [_P, _P, _P, _I, _I, _P, _I, _I, _P]}
 
 _libs: dict[tuple[str, ...], ctypes.CDLL | None] = {}
 
@@ -30,21 +35,21 @@ def enabled() -> bool:
 
 
 def library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
-    """The compiled kernel (built once per process and flag set), or None where it cannot be
-    built (a warning says why, once)."""
+    """The compiled kernels (built once per process and flag set), or None where they cannot
+    be built (a warning says why, once)."""
     if extra_flags not in _libs:
         try:
             _libs[extra_flags] = _load(_build(FLAGS + extra_flags))
-        except (OSError, subprocess.CalledProcessError, FileNotFoundError) as e:
+        except (OSError, subprocess.CalledProcessError) as e:
             detail = getattr(e, "stderr", None) or e
-            warnings.warn(f"the CPU top-k kernel could not be built, so torch's top-k is used "
-                          f"(slower): {detail}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"the CPU kernels could not be built, so torch's slower paths are used: "
+                          f"{detail}", RuntimeWarning, stacklevel=2)
             _libs[extra_flags] = None
     return _libs[extra_flags]
 
 
 def usable(t: torch.Tensor) -> bool:
-    """Whether topk_rows takes this tensor (CPU float32) and the kernel is built."""
+    """Whether the kernels take this tensor (CPU float32) and are built."""
     return t.device.type == "cpu" and t.dtype == torch.float32 and enabled() and \
         library() is not None
 
@@ -53,26 +58,56 @@ def topk_rows(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None,
               lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) of the k largest entries of each row of pre + bias, unordered, as
     torch.topk(pre + bias, k, sorted=False) gives them (ties may pick other indices of equal
-    value), without forming pre + bias. pre: [rows, width] float32 on CPU; bias: [width] or
-    None. Rows are split across torch's intra-op threads (ctypes lets go of the GIL)."""
-    lib = lib or library()
-    if lib is None:
-        raise RuntimeError("the CPU top-k kernel is not built")
+    value), without forming pre + bias. pre: [rows, width] float32; bias: [width] or None."""
     rows, width = pre.shape
     if not 1 <= k <= width or width >= 1 << 31:
         raise ValueError(f"k {k} out of range for width {width}")
-    pre = pre.contiguous()
-    if bias is not None:
-        bias = bias.detach().to(torch.float32).contiguous()
-        if bias.shape != (width,):
-            raise ValueError(f"bias shape {tuple(bias.shape)} is not ({width},)")
+    if bias is not None and bias.shape != (width,):
+        raise ValueError(f"bias shape {tuple(bias.shape)} is not ({width},)")
     vals = torch.empty(rows, k, dtype=torch.float32)
     idx = torch.empty(rows, k, dtype=torch.int64)
-    status = lib.topk_rows(pre.data_ptr(), bias.data_ptr() if bias is not None else None,
-                           width, k, rows, vals.data_ptr(), idx.data_ptr())
-    if status:
-        raise MemoryError("the CPU top-k kernel could not allocate its scratch buffers")
+    _call(lib, "topk_rows", _f32(pre), None if bias is None else _f32(bias), width, k, rows,
+          vals, idx)
     return vals, idx
+
+
+def outer_sum(g: torch.Tensor, latents: torch.Tensor, rows: torch.Tensor, m: torch.Tensor,
+              d_sae: int, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """[d_sae, width]: out[latents[e]] += g[e] * m[rows[e]] over all entries e."""
+    out = torch.empty(d_sae, m.shape[1], dtype=torch.float32)
+    _call(lib, "outer_sum", _f32(g), _i64(latents), _i64(rows), len(g), _f32(m), len(m),
+          m.shape[1], d_sae, out)
+    return out
+
+
+def entry_dots(g: torch.Tensor, w: torch.Tensor, latents: torch.Tensor, offsets: torch.Tensor,
+               lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """dot(g[b], w[latents[e]]) for every entry e of every row b (row b's entries start at
+    offsets[b]), in entry order."""
+    dots = torch.empty(len(latents), dtype=torch.float32)
+    _call(lib, "entry_dots", _f32(g), _i64(latents), _i64(offsets), len(g), len(latents),
+          _f32(w), len(w), g.shape[1], dots)
+    return dots
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _i64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.int64).contiguous()
+
+
+def _call(lib: ctypes.CDLL | None, name: str, *args) -> None:
+    lib = lib or library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not built")
+    status = getattr(lib, name)(*(a.data_ptr() if isinstance(a, torch.Tensor) else a
+                                  for a in args))
+    if status == -1:
+        raise MemoryError(f"{name}: the CPU kernel could not allocate its scratch memory")
+    if status == -2:
+        raise IndexError(f"{name}: an index is out of range")
 
 
 def _build(flags: tuple[str, ...]) -> Path:
@@ -83,7 +118,7 @@ def _build(flags: tuple[str, ...]) -> Path:
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *flags, _cpu()]).encode())
     from pipeline.extract.model import cache_home
 
-    out = cache_home() / "kernels" / f"topk_rows-{key.hexdigest()[:16]}.so"
+    out = cache_home() / "kernels" / f"kernels-{key.hexdigest()[:16]}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -99,9 +134,9 @@ def _build(flags: tuple[str, ...]) -> Path:
 
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    lib.topk_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    lib.topk_rows.restype = ctypes.c_int
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return lib
 
 

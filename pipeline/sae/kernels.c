@@ -1,17 +1,26 @@
-/* The k largest entries of each row of pre + bias, for the k-sparse SAE step on CPU
-   (pipeline/sae/native.py builds and loads this file; pipeline/sae/sparse.py:row_topk calls it).
+/* C kernels of the k-sparse SAE step on CPU (pipeline/sae/native.py builds and loads this
+   file; pipeline/sae/sparse.py calls them). Each splits its work across OpenMP threads: built
+   with -fopenmp and loaded into a process that has torch's libgomp, these are torch's own
+   intra-op threads, already awake after the encoder's matmul.
 
-   Per row, three passes over data that stays in cache:
+   topk_rows: the k largest entries of each row of pre + bias. Per row, three passes over data
+   that stays in cache:
    1. the maxima of 2k equal chunks of the row; the k-th largest of them is a lower bound on the
       row's k-th largest entry (k chunks hold an entry at least that large);
    2. the entries not below that bound are the candidates (about 1.5k of them for the rows of an
       SAE's encoder), gathered with AVX-512 compress stores where the CPU has them;
    3. a quickselect keeps the k largest candidates.
-   NaN counts as larger than every number, as in torch.topk. */
+   NaN counts as larger than every number, as in torch.topk.
+
+   outer_sum: out[latents[e]] += g[e] * m[rows[e]] over all entries, by latent after a counting
+   sort (each output row is written once, by one thread).
+
+   entry_dots: dot(g[b], w[latents[e]]) for each entry e of each row b. */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -130,9 +139,7 @@ static int64_t candidates(const float *p, const float *bias, int64_t d, float th
 
 /* Each row of pre ([rows, d], row-major) plus bias ([d], or NULL for none): the k largest
    entries (1 <= k <= d < 2^31), unordered, as values into vals[r * k ...] and column indices
-   into idx[r * k ...]. Rows are split across OpenMP threads: built with -fopenmp and loaded into
-   a process that has torch's libgomp, these are torch's own intra-op threads. Returns 0, or -1
-   when out of memory. */
+   into idx[r * k ...]. Returns 0, or -1 when out of memory. */
 int topk_rows(const float *pre, const float *bias, int64_t d, int64_t k, int64_t rows,
               float *vals, int64_t *idx) {
     int64_t chunks = 2 * k <= d ? 2 * k : k;
@@ -166,4 +173,64 @@ int topk_rows(const float *pre, const float *bias, int64_t d, int64_t k, int64_t
         free(s.id);
     }
     return status;
+}
+
+/* out ([d_sae, width]) = sum over entries e < n of g[e] * m[rows[e]] into row latents[e]
+   (m: [n_rows, width]). Returns 0; -1 when out of memory; -2 when a latent is outside
+   [0, d_sae) or a row outside [0, n_rows) (out is then left unwritten). */
+int outer_sum(const float *g, const int64_t *latents, const int64_t *rows, int64_t n,
+              const float *m, int64_t n_rows, int64_t width, int64_t d_sae, float *out) {
+    int64_t *start = calloc((size_t)d_sae + 1, sizeof(int64_t));
+    int64_t *order = malloc((size_t)(n ? n : 1) * sizeof(int64_t));
+    if (!start || !order) { free(start); free(order); return -1; }
+    int status = 0;
+    for (int64_t e = 0; e < n; e++) {
+        if (latents[e] < 0 || latents[e] >= d_sae || rows[e] < 0 || rows[e] >= n_rows) {
+            status = -2;
+            break;
+        }
+        start[latents[e] + 1]++;
+    }
+    if (!status) {
+        for (int64_t l = 0; l < d_sae; l++) start[l + 1] += start[l];
+        for (int64_t e = 0; e < n; e++) order[start[latents[e]]++] = e;  /* start[l]: end of l */
+#pragma omp parallel for schedule(dynamic, 16)
+        for (int64_t l = 0; l < d_sae; l++) {
+            float *o = out + l * width;
+            memset(o, 0, (size_t)width * sizeof(float));
+            for (int64_t q = l ? start[l - 1] : 0; q < start[l]; q++) {
+                const float a = g[order[q]];
+                const float *row = m + rows[order[q]] * width;
+                for (int64_t j = 0; j < width; j++) o[j] += a * row[j];
+            }
+        }
+    }
+    free(start);
+    free(order);
+    return status;
+}
+
+/* dots[e] = dot(g[b], w[latents[e]]) for the entries e of each row b, offsets[b] to
+   offsets[b + 1] (n for the last row); g: [rows, width], w: [n_latents, width]. Returns 0, or
+   -2 when an offset or a latent is out of range (dots is then not fully written). */
+int entry_dots(const float *g, const int64_t *latents, const int64_t *offsets, int64_t rows,
+               int64_t n, const float *w, int64_t n_latents, int64_t width, float *dots) {
+    for (int64_t b = 0; b < rows; b++) {
+        int64_t hi = b + 1 < rows ? offsets[b + 1] : n;
+        if (offsets[b] < 0 || offsets[b] > hi || hi > n) return -2;
+    }
+    for (int64_t e = 0; e < n; e++)
+        if (latents[e] < 0 || latents[e] >= n_latents) return -2;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < rows; b++) {
+        const float *gb = g + b * width;
+        for (int64_t e = offsets[b], hi = b + 1 < rows ? offsets[b + 1] : n; e < hi; e++) {
+            const float *wl = w + latents[e] * width;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t j = 0; j < width; j++) s += gb[j] * wl[j];
+            dots[e] = s;
+        }
+    }
+    return 0;
 }
