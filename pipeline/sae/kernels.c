@@ -49,11 +49,6 @@ static void select_top(float *key, int32_t *id, int64_t n, int64_t k) {
     }
 }
 
-static inline float entry(const float *p, const float *bias, int64_t j) {
-    float v = bias ? p[j] + bias[j] : p[j];
-    return v != v ? INFINITY : v;
-}
-
 static float chunk_max(const float *p, const float *bias, int64_t lo, int64_t hi) {
     float m = -INFINITY;
     int64_t j = lo;
