@@ -10,13 +10,15 @@
    2. the entries not below that bound are the candidates (about 1.5k of them for the rows of an
       SAE's encoder), gathered with AVX-512 compress stores where the CPU has them;
    3. a quickselect keeps the k largest candidates.
-   NaN counts as larger than every number, as in torch.topk.
+   NaN counts as larger than every number, as in torch.topk. Rows where most entries are -inf
+   (AuxK masks the live latents so) take their finite entries and pad with -inf ones.
 
    outer_sum: out[latents[e]] += g[e] * m[rows[e]] over all entries, by latent after a counting
    sort (each output row is written once, by one thread).
 
    entry_dots: dot(g[b], w[latents[e]]) for each entry e of each row b. */
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -155,7 +157,15 @@ int topk_rows(const float *pre, const float *bias, int64_t d, int64_t k, int64_t
             select_top(s.key, s.id, chunks, k);
             float thr = INFINITY;
             for (int64_t c = 0; c < k; c++) thr = s.key[c] < thr ? s.key[c] : thr;
-            int64_t n = candidates(p, bias, d, thr, &s);
+            /* A bound of -inf (rows mostly -inf: AuxK's live latents) would take every entry:
+               take the others, then as many -inf entries as the k need. */
+            int64_t n = candidates(p, bias, d, thr == -INFINITY ? -FLT_MAX : thr, &s);
+            for (int64_t j = 0; n >= 0 && n < k && j < d; j++) {
+                if ((bias ? p[j] + bias[j] : p[j]) != -INFINITY) continue;
+                if (reserve(&s, n)) { n = -1; break; }
+                s.key[n] = -INFINITY;
+                s.id[n++] = (int32_t)j;
+            }
             if (n < 0) { status = -1; continue; }
             select_top(s.key, s.id, n, k);
             for (int64_t i = 0; i < k; i++) {
