@@ -60,6 +60,10 @@ def test_rows_with_fewer_eligible_entries_than_k_fill_with_minus_infinity(lib):
     assert torch.isinf(vals).sum(1).eq(12).all()
     finite = idx[torch.isfinite(vals)].view(16, 20)
     assert torch.equal(finite.sort(1).values[0], (only_dead == 0).nonzero()[:, 0])
+    only_dead[torch.randperm(512, generator=gen)[:30]] = 0.0  # 40-50 dead: no -inf taken
+    vals, _ = native.topk_rows(pre, 32, only_dead, lib=lib)
+    check(pre, 32, only_dead, lib)
+    assert torch.isfinite(vals).all()
 
 
 def test_one_wide_row_as_batch_topk_calls_it(lib):
