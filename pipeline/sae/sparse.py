@@ -124,9 +124,10 @@ class SparseEncode(torch.autograd.Function):
         codes = [main]
         if dead is not None:  # live latents out of reach: -inf
             only_dead = torch.zeros_like(b_enc).masked_fill_(~dead, float("-inf"))
-            if lacking is not None:
-                only_dead += lacking
-            codes.append(_per_row(*row_topk(pre, aux_k, only_dead)))
+            if lacking is not None:  # into the kernel's bias: no pass over pre
+                codes.append(_per_row(*row_topk(pre, aux_k, only_dead + lacking)))
+            else:  # pre is scratch from here on: mask it in place, no second [B, d_sae]
+                codes.append(_per_row(*row_topk(pre.add_(only_dead), aux_k)))
         ctx.save_for_backward(xc, w_enc, *(t for c in codes for t in c))
         ctx.d_sae = w_enc.shape[1]
         out = tuple(t for c in codes for t in c)
