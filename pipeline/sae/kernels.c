@@ -199,11 +199,18 @@ int outer_sum(const float *g, const int64_t *latents, const int64_t *rows, int64
     if (!status) {
         for (int64_t l = 0; l < d_sae; l++) start[l + 1] += start[l];
         for (int64_t e = 0; e < n; e++) order[start[latents[e]]++] = e;  /* start[l]: end of l */
-#pragma omp parallel for schedule(dynamic, 16)
+#pragma omp parallel for schedule(dynamic, 256)
         for (int64_t l = 0; l < d_sae; l++) {
             float *o = out + l * width;
-            memset(o, 0, (size_t)width * sizeof(float));
-            for (int64_t q = l ? start[l - 1] : 0; q < start[l]; q++) {
+            int64_t q = l ? start[l - 1] : 0;
+            if (q == start[l]) {
+                memset(o, 0, (size_t)width * sizeof(float));
+                continue;
+            }
+            const float a0 = g[order[q]];
+            const float *row0 = m + rows[order[q]] * width;
+            for (int64_t j = 0; j < width; j++) o[j] = a0 * row0[j];  /* no zero fill first */
+            for (q++; q < start[l]; q++) {
                 const float a = g[order[q]];
                 const float *row = m + rows[order[q]] * width;
                 for (int64_t j = 0; j < width; j++) o[j] += a * row[j];
