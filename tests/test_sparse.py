@@ -60,10 +60,10 @@ def assert_same_steps(arch: str, x: torch.Tensor) -> None:
 
 
 def paths(monkeypatch, use_native: bool) -> None:
-    """Take the C top-k kernel (skip where it cannot be built) or torch's path."""
+    """Take the C kernels (skip where they cannot be built) or torch's paths."""
     monkeypatch.setenv("PIPELINE_NATIVE", "1" if use_native else "0")
     if use_native and native.library() is None:
-        pytest.skip("no C compiler: the CPU top-k kernel is not built")
+        pytest.skip("no C compiler: the CPU kernels are not built")
 
 
 @pytest.mark.parametrize("use_native", [True, False])

@@ -150,8 +150,7 @@ int topk_rows(const float *pre, const float *bias, int64_t d, int64_t k, int64_t
             if (status) continue;
             const float *p = pre + r * d;
             for (int64_t c = 0; c < chunks; c++) {
-                float m = chunk_max(p, bias, c * d / chunks, (c + 1) * d / chunks);
-                s.key[c] = m != m ? INFINITY : m;
+                s.key[c] = chunk_max(p, bias, c * d / chunks, (c + 1) * d / chunks);  /* no NaN */
                 s.id[c] = 0;
             }
             select_top(s.key, s.id, chunks, k);

@@ -111,21 +111,15 @@ class SparseEncode(torch.autograd.Function):
                 ws: Workspace):
         xc = x - b_dec
         pre = ws.get("pre", (len(x), w_enc.shape[1]), x)
-        if native.usable(x):  # the CPU kernel adds b_enc in its own pass over pre
-            pre, lacking = torch.mm(xc, w_enc, out=pre), b_enc
-        else:
-            pre, lacking = torch.addmm(b_enc, xc, w_enc, out=pre), None
-        if per_row:
-            main = _per_row(*row_topk(pre, k, lacking))
-        else:
-            if lacking is not None:
-                pre, lacking = pre.add_(lacking), None
-            main = _per_batch(pre, k * len(x))
+        fold = per_row and native.usable(x)  # the CPU kernel adds b_enc in its own pass
+        pre = torch.mm(xc, w_enc, out=pre) if fold else torch.addmm(b_enc, xc, w_enc, out=pre)
+        main = _per_row(*row_topk(pre, k, b_enc if fold else None)) if per_row else \
+            _per_batch(pre, k * len(x))
         codes = [main]
         if dead is not None:  # live latents out of reach: -inf
             only_dead = torch.zeros_like(b_enc).masked_fill_(~dead, float("-inf"))
-            if lacking is not None:  # into the kernel's bias: no pass over pre
-                codes.append(_per_row(*row_topk(pre, aux_k, only_dead + lacking)))
+            if fold:  # into the kernel's bias: no pass over pre
+                codes.append(_per_row(*row_topk(pre, aux_k, only_dead + b_enc)))
             else:  # pre is scratch from here on: mask it in place, no second [B, d_sae]
                 codes.append(_per_row(*row_topk(pre.add_(only_dead), aux_k)))
         ctx.save_for_backward(xc, w_enc, *(t for c in codes for t in c))
@@ -184,8 +178,8 @@ class SparseDecode(torch.autograd.Function):
 def entry_dots(g: torch.Tensor, w: torch.Tensor, latents: torch.Tensor, offsets: torch.Tensor
                ) -> torch.Tensor:
     """dot(g[b], w[latents[e]]) for every entry e of every row b (row b's entries start at
-    offsets[b]), in entry order (CPU): the C kernel (3.0 ms at d_sae 4608, 11 at 18432), else
-    the product g w^T sampled at the code's pattern by MKL (4.0 and 15 ms)."""
+    offsets[b]), in entry order (CPU): the C kernel (4.2 ms at d_sae 4608, 12 at 18432), else
+    the product g w^T sampled at the code's pattern by MKL (5.5 and 15 ms)."""
     if native.usable(g):
         return native.entry_dots(g, w, latents, offsets)
     crow = torch.cat([offsets, offsets.new_tensor([len(latents)])])
@@ -211,9 +205,10 @@ def sparse_decode(code: SparseCode, w_dec: torch.Tensor, vals: torch.Tensor | No
 def outer_sum(g: torch.Tensor, latents: torch.Tensor, rows: torch.Tensor, m: torch.Tensor,
               d_sae: int, index_add: bool | None = None) -> torch.Tensor:
     """out[latents[e]] += g[e] * m[rows[e]] over all entries: [d_sae, width]. CPU: the C kernel
-    (a counting sort by latent, then each output row summed by one thread: 4.6 ms at d_sae 4608,
-    6.0 at 18432, 14 at 73728, batch 4096, k 32 on 2 cores), else one CSR sparse x dense
-    product (MKL, 8.2, 20 and 52 ms), written into a new tensor with beta 0, which skips the
+    (a counting sort by latent, then each output row summed by one thread: 6.9 ms at d_sae 4608,
+    7.7 at 18432, 12.5 at 73728, batch 4096, k 32 on 2 cores; scripts/bench_kernels.py), else
+    one CSR sparse x dense product (MKL: 10.4, 7.7 and 10.8 ms; both bound by writing the output
+    at large d_sae), written into a new tensor with beta 0, which skips the
     zero fill and the copy that torch.sparse.mm makes around the same product. CUDA: index_add
     in blocks of entries, which has static shapes and no host sync, so it captures in a CUDA
     graph (a sparse tensor's coalescing does not)."""
