@@ -131,3 +131,18 @@ def test_without_a_compiler_torch_is_used_and_a_warning_says_why(monkeypatch):
     assert any("could not be built" in str(w.message) for w in caught)
     monkeypatch.setenv("PIPELINE_NATIVE", "0")
     assert not native.usable(torch.zeros(1))
+
+
+def test_wrong_shapes_raise_instead_of_reading_past_the_end(lib):
+    g, m = torch.randn(3, 4), torch.randn(10, 4)
+    lat, offsets = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="entry_dots"):  # w narrower than g
+        native.entry_dots(g, torch.randn(5, 2), lat, offsets, lib=lib)
+    with pytest.raises(ValueError, match="entry_dots"):  # one offset per row
+        native.entry_dots(g, torch.randn(5, 4), lat, torch.tensor([0, 1]), lib=lib)
+    with pytest.raises(ValueError, match="outer_sum"):  # rows shorter than the entries
+        native.outer_sum(torch.randn(3), lat, torch.tensor([0, 1]), m, 5, lib=lib)
+    with pytest.raises(ValueError, match="outer_sum"):
+        native.outer_sum(torch.randn(3), lat, lat, torch.randn(10), 5, lib=lib)
+    with pytest.raises(ValueError, match="topk_rows"):
+        native.topk_rows(torch.randn(64), 4, lib=lib)

@@ -59,6 +59,7 @@ def topk_rows(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None,
     """(values, indices) of the k largest entries of each row of pre + bias, unordered, as
     torch.topk(pre + bias, k, sorted=False) gives them (ties may pick other indices of equal
     value), without forming pre + bias. pre: [rows, width] float32; bias: [width] or None."""
+    _expect("topk_rows", pre.dim() == 2, f"pre [rows, width]; got {_shapes(pre)}")
     rows, width = pre.shape
     if not 1 <= k <= width or width >= 1 << 31:
         raise ValueError(f"k {k} out of range for width {width}")
@@ -74,6 +75,9 @@ def topk_rows(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None,
 def outer_sum(g: torch.Tensor, latents: torch.Tensor, rows: torch.Tensor, m: torch.Tensor,
               d_sae: int, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """[d_sae, width]: out[latents[e]] += g[e] * m[rows[e]] over all entries e."""
+    _expect("outer_sum", g.dim() == latents.dim() == rows.dim() == 1 and m.dim() == 2
+            and len(g) == len(latents) == len(rows),
+            f"g, latents, rows 1-D of one length and m 2-D; got {_shapes(g, latents, rows, m)}")
     out = torch.empty(d_sae, m.shape[1], dtype=torch.float32)
     _call(lib, "outer_sum", _f32(g), _i64(latents), _i64(rows), len(g), _f32(m), len(m),
           m.shape[1], d_sae, out)
@@ -84,10 +88,24 @@ def entry_dots(g: torch.Tensor, w: torch.Tensor, latents: torch.Tensor, offsets:
                lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """dot(g[b], w[latents[e]]) for every entry e of every row b (row b's entries start at
     offsets[b]), in entry order."""
+    _expect("entry_dots", g.dim() == w.dim() == 2 and latents.dim() == offsets.dim() == 1
+            and w.shape[1] == g.shape[1] and len(offsets) == len(g),
+            f"g [rows, width], w [n, width], latents [n_entries], offsets [rows]; got "
+            f"{_shapes(g, w, latents, offsets)}")
     dots = torch.empty(len(latents), dtype=torch.float32)
     _call(lib, "entry_dots", _f32(g), _i64(latents), _i64(offsets), len(g), len(latents),
           _f32(w), len(w), g.shape[1], dots)
     return dots
+
+
+def _expect(name: str, ok: bool, what: str) -> None:
+    """The kernels trust their arguments' shapes: a wrong one would read out of bounds."""
+    if not ok:
+        raise ValueError(f"{name}: expected {what}")
+
+
+def _shapes(*tensors: torch.Tensor) -> str:
+    return ", ".join(str(tuple(t.shape)) for t in tensors)
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
