@@ -4,8 +4,13 @@ checks, and the fallback without a compiler."""
 
 from __future__ import annotations
 
+import os
 import platform
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +151,49 @@ def test_wrong_shapes_raise_instead_of_reading_past_the_end(lib):
         native.outer_sum(torch.randn(3), lat, lat, torch.randn(10), 5, lib=lib)
     with pytest.raises(ValueError, match="topk_rows"):
         native.topk_rows(torch.randn(64), 4, lib=lib)
+
+
+PLANT = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(MARKER, "w"); if (f) { fputs("ran", f); fclose(f); }
+}
+"""
+
+
+def _plant(tmp_path, target):
+    """Compile a library whose constructor writes a marker file, at `target`."""
+    src = tmp_path / "plant.c"
+    marker = tmp_path / "marker"
+    src.write_text(PLANT.replace("MARKER", f'"{marker}"'))
+    subprocess.run(["cc", "-shared", "-fPIC", str(src), "-o", str(target)], check=True)
+    return marker
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_a_planted_library_is_never_loaded(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("PIPELINE_HOME", str(home))
+    assert native.library(("-DPLANTED",)) is not None
+    [path] = (home / "kernels").glob("kernels-*.so")
+    marker = _plant(tmp_path, path)  # same name, another library, no matching digest
+    code = ("import warnings; warnings.simplefilter('always'); from pipeline.sae import native; "
+            "print(native.library(('-DPLANTED',)) is not None)")
+    env = {**os.environ, "PIPELINE_HOME": str(home), "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)  # a new process: this one has the real library loaded
+    assert not marker.exists(), "the planted library's constructor ran"
+    assert run.stdout.strip() == "True", run.stderr  # a trusted rebuild replaced it
+    assert "does not match the SHA-256" in run.stderr
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_no_library_is_loaded_from_a_folder_others_can_write(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "kernels").mkdir(parents=True)
+    os.chmod(home / "kernels", 0o777)
+    monkeypatch.setenv("PIPELINE_HOME", str(home))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert native.library(("-DSHARED_HOME",)) is None
+    assert any("only you can write" in str(w.message) for w in caught)

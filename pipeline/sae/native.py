@@ -2,17 +2,22 @@
 sum, the per-entry dot products), compiled on first use with the machine's C compiler and loaded
 through ctypes: no torch headers, so a build takes about a second. The shared library is kept
 under PIPELINE_HOME/kernels, named by a hash of the source, the compiler and its flags and the
-CPU's feature flags (it is built with -march=native), and written under a temporary name first,
-so processes that build it at once do not clash. Where no compiler works, or with
-PIPELINE_NATIVE=0 in the environment, `usable` is False and callers use torch."""
+CPU's feature flags (it is built with -march=native), with the SHA-256 recorded at build time
+beside it; builds take a lock on the folder. A library is loaded only from a folder and file of
+this user's that no one else can write, and only if it still has its recorded SHA-256 (the
+name is predictable, so a planted file would otherwise run its constructor here). Where no
+compiler works, where the folder is not private, or with PIPELINE_NATIVE=0 in the environment,
+`usable` is False and callers use torch."""
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -39,11 +44,11 @@ def library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     be built (a warning says why, once)."""
     if extra_flags not in _libs:
         try:
-            _libs[extra_flags] = _load(_build(FLAGS + extra_flags))
+            _libs[extra_flags] = _load(*_build(FLAGS + extra_flags))
         except (OSError, subprocess.CalledProcessError) as e:
             detail = getattr(e, "stderr", None) or e
-            warnings.warn(f"the CPU kernels could not be built, so torch's slower paths are used: "
-                          f"{detail}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"the CPU kernels could not be built or loaded, so torch's slower "
+                          f"paths are used: {detail}", RuntimeWarning, stacklevel=2)
             _libs[extra_flags] = None
     return _libs[extra_flags]
 
@@ -128,7 +133,9 @@ def _call(lib: ctypes.CDLL | None, name: str, *args) -> None:
         raise IndexError(f"{name}: an index is out of range")
 
 
-def _build(flags: tuple[str, ...]) -> Path:
+def _build(flags: tuple[str, ...]) -> tuple[Path, str]:
+    """Path and SHA-256 of the library for these flags, compiled unless a trusted copy exists.
+    Builders take a lock on the folder, so the digest always belongs to the library beside it."""
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise FileNotFoundError(f"no C compiler ({cc}) on PATH")
@@ -136,21 +143,70 @@ def _build(flags: tuple[str, ...]) -> Path:
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *flags, _cpu()]).encode())
     from pipeline.extract.model import cache_home
 
-    out = cache_home() / "kernels" / f"kernels-{key.hexdigest()[:16]}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                           check=True)
-            os.replace(tmp, out)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    return out
+    folder = _private_folder(cache_home() / "kernels")
+    out = folder / f"kernels-{key.hexdigest()[:16]}.so"
+    digest_file = out.with_suffix(".sha256")
+    with open(folder / ".build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        digest = _recorded_digest(out, digest_file)
+        if digest is None:
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            os.close(fd)
+            try:
+                subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True,
+                               text=True, check=True)
+                os.chmod(tmp, 0o700)
+                digest = _sha256(Path(tmp))
+                digest_file.write_text(digest + "\n")
+                os.replace(tmp, out)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+    return out, digest
 
 
-def _load(path: Path) -> ctypes.CDLL:
+def _private_folder(folder: Path) -> Path:
+    """The kernels' folder, refused when another user could have put a library in it."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for path in (folder, folder.parent):
+        _check_owner(path)
+    return folder
+
+
+def _check_owner(path: Path) -> None:
+    st = os.stat(path)
+    if st.st_uid not in (os.getuid(), 0) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(
+            f"{path} is owned by uid {st.st_uid} with mode {stat.filemode(st.st_mode)}, so other "
+            "users could plant a library there; compiled code is loaded only from a folder of "
+            "yours that only you can write: `chmod go-w` it, or set PIPELINE_HOME to such a folder")
+
+
+def _recorded_digest(lib: Path, digest_file: Path) -> str | None:
+    """The digest recorded when `lib` was built, if the file still has it; else None (and a
+    warning when a library is there that does not match: it is rebuilt, never loaded)."""
+    if not lib.exists():
+        return None
+    _check_owner(lib)
+    try:
+        recorded = digest_file.read_text().strip()
+    except FileNotFoundError:
+        recorded = None
+    if recorded is not None and _sha256(lib) == recorded:
+        return recorded
+    warnings.warn(f"{lib} does not match the SHA-256 recorded when it was built "
+                  f"({digest_file}); it is not loaded but rebuilt", RuntimeWarning, stacklevel=3)
+    return None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _load(path: Path, digest: str) -> ctypes.CDLL:
+    """Load the library after checking, once more, its owner, mode and recorded SHA-256."""
+    _check_owner(path)
+    if _sha256(path) != digest:
+        raise PermissionError(f"{path} changed after it was built; not loading it")
     lib = ctypes.CDLL(str(path))
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
