@@ -190,8 +190,8 @@ def _recorded_digest(lib: Path, digest_file: Path) -> str | None:
     try:
         recorded = digest_file.read_text().strip()
     except FileNotFoundError:
-        recorded = None
-    if recorded is not None and _sha256(lib) == recorded:
+        return None  # built before digests were recorded: rebuilt, quietly
+    if _sha256(lib) == recorded:
         return recorded
     warnings.warn(f"{lib} does not match the SHA-256 recorded when it was built "
                   f"({digest_file}); it is not loaded but rebuilt", RuntimeWarning, stacklevel=3)
