@@ -7,6 +7,7 @@ one, append a Case to the table of its command."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -117,6 +118,37 @@ CASES = [
     Case("train-out-not-a-run-folder", TRAIN, "not a run folder", setup=_file("out/notes.txt")),
     Case("train-unwritable-out", TRAIN.replace("{out}", "{tmp}/file/run"), "cannot write",
          setup=_file("file")),
+
+    # sweep
+    Case("sweep-no-grid", SWEEP, "no grid"),
+    Case("sweep-missing-grid-file", SWEEP + " --grid {tmp}/nope.toml", "nope.toml"),
+    Case("sweep-grid-not-toml", SWEEP + " --grid {tmp}/g.toml", "g.toml",
+         setup=_file("g.toml", "[grid\n")),
+    Case("sweep-grid-unknown-key", SWEEP + " --grid {tmp}/g.toml", "nope",
+         setup=_file("g.toml", "nope = 1\n[grid]\nl1 = [0.001]\n")),
+    Case("sweep-grid-unknown-axis", SWEEP + " --grid {tmp}/g.toml", "nope",
+         setup=_file("g.toml", "[grid]\nnope = [1, 2]\n")),
+    Case("sweep-grid-not-a-table", SWEEP + " --grid {tmp}/g.toml", "grid",
+         setup=_file("g.toml", "grid = [1, 2]\n")),
+    Case("sweep-grid-axis-not-a-list", SWEEP + " --grid {tmp}/g.toml", "l1",
+         setup=_file("g.toml", "[grid]\nl1 = 0.5\n")),
+    Case("sweep-grid-wrong-value-type", SWEEP + " --grid {tmp}/g.toml", "--l1",
+         setup=_file("g.toml", '[grid]\nl1 = ["a", "b"]\n')),
+    Case("sweep-grid-wrong-base-type", SWEEP + " --grid {tmp}/g.json", "--lr",
+         setup=_file("g.json", json.dumps({"lr": "fast", "grid": {"l1": [0.001]}}))),
+    Case("sweep-grid-sets-out", SWEEP + " --grid {tmp}/g.json", "out",
+         setup=_file("g.json", json.dumps({"out": "elsewhere", "grid": {"l1": [0.001]}}))),
+    Case("sweep-set-out", SWEEP + " --set out=a,b", "out"),
+    Case("sweep-set-resume", SWEEP + " --set resume=true,false", "resume"),
+    Case("sweep-set-shared-setting", SWEEP + " --set batch_size=32,64", "share batch_size"),
+    Case("sweep-set-unknown", SWEEP + " --set nope=1,2", "nope"),
+    Case("sweep-set-not-a-number", SWEEP + " --set l1=abc", "expected float"),
+    Case("sweep-point-lr-nan", SWEEP + " --set lr=0.001,nan", "--lr"),
+    Case("sweep-point-k-above-d-sae", SWEEP + " --set arch=relu,topk --k 100000",
+         "k must be between"),
+    Case("sweep-holdout-whole-cache", SWEEP + " --set l1=0.001,0.002 --holdout-chunks 4",
+         "holdout chunks"),
+    Case("sweep-layer-not-in-cache", SWEEP + " --set l1=0.001,0.002 --layer 5", "layer 5"),
 
 ]
 
