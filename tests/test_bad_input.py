@@ -150,6 +150,37 @@ CASES = [
          "holdout chunks"),
     Case("sweep-layer-not-in-cache", SWEEP + " --set l1=0.001,0.002 --layer 5", "layer 5"),
 
+    # eval
+    Case("eval-missing-run", "eval {tmp}/nope --ce-sequences 0", "nope"),
+    Case("eval-missing-argument", "eval", "Missing argument", usage=True),
+    Case("eval-holdout-chunks-0", EVAL + " --holdout-chunks 0", "--holdout-chunks"),
+    Case("eval-holdout-whole-cache", EVAL + " --holdout-chunks 9", "holdout chunks"),
+    Case("eval-absorption-every-0", EVAL + " --absorption --absorption-every 0",
+         "--absorption-every"),
+    Case("eval-negative-ce-sequences", EVAL.replace("--ce-sequences 0", "--ce-sequences -1"),
+         "--ce-sequences"),
+    Case("eval-unknown-stream", EVAL + " --stream nope", "--stream"),
+    Case("eval-missing-cache", EVAL + " --cache {tmp}/nope", "nope"),
+    Case("eval-cache-of-another-model", EVAL + " --cache {other}", "another model"),
+    Case("eval-unwritable-sae-dir", EVAL.replace("{run}", "{tmp}/runcopy"), "eval.json",
+         setup=_run_copy(lambda run: (run / "eval.json").mkdir())),
+
+    # audit
+    Case("audit-missing-run", "audit {tmp}/nope", "nope"),
+    Case("audit-not-a-run", "audit {tmp}/empty", "not a run folder", setup=_folder("empty")),
+    Case("audit-garbled-train-config", "audit {tmp}/runcopy", "train_config.json",
+         setup=_run_copy(lambda run: (run / "train_config.json").write_text("{garbled"))),
+
+    # features
+    Case("features-missing-run", "features {tmp}/nope", "nope"),
+    Case("features-huge-latent-range", FEATURES + " --latents 0-20000000", "out of range"),
+    Case("features-bad-latents", FEATURES + " --latents a-b", "cannot read latents"),
+    Case("features-zero-examples", FEATURES + " --examples 0", "--examples"),
+    Case("features-zero-tokens", FEATURES + " --tokens 0", "--tokens"),
+    Case("features-holdout-chunks-0", FEATURES + " --holdout-chunks 0", "--holdout-chunks"),
+    Case("features-cache-of-another-model", FEATURES + " --cache {other}", "another model"),
+    Case("features-unwritable-out", FEATURES + " --out {tmp}/file/site", "cannot write",
+         setup=_file("file")),
 ]
 
 
