@@ -79,6 +79,10 @@ CASES = [
          setup=_file("file")),
     Case("extract-non-cache-folder-overwrite", EXTRACT + " --overwrite", "not a cache",
          setup=_file("out/notes.txt")),
+    Case("extract-other-settings-on-a-cache",
+         "extract --out {tiny} --model {model} --corpus {corpus} --layer 1 --layer 2 --tokens 1024 "
+         "--context-length 32 --rows-per-chunk 256 --batch-size 4 --seed 7 --device cpu "
+         "--no-progress", "different settings"),
     Case("extract-tokens-not-a-number", EXTRACT + " --tokens many", "--tokens", usage=True),
     Case("inspect-missing-cache", "inspect {tmp}/nope", "nope"),
     Case("inspect-not-a-cache", "inspect {tmp}/empty", "empty", setup=_folder("empty")),
@@ -161,6 +165,7 @@ CASES = [
          "--ce-sequences"),
     Case("eval-unknown-stream", EVAL + " --stream nope", "--stream"),
     Case("eval-missing-cache", EVAL + " --cache {tmp}/nope", "nope"),
+    Case("eval-cache-of-another-width", EVAL + " --cache {tiny}", "d_in is 16"),
     Case("eval-cache-of-another-model", EVAL + " --cache {other}", "another model"),
     Case("eval-unwritable-sae-dir", EVAL.replace("{run}", "{tmp}/runcopy"), "eval.json",
          setup=_run_copy(lambda run: (run / "eval.json").mkdir())),
