@@ -2,8 +2,8 @@
 side effect: no file anywhere changes, the command's own output folder included.
 
 A case is a command line whose `{name}` placeholders are filled from PLACES (fixtures are built
-only when a case names them) plus an optional `setup(tmp)` that writes its inputs first. To add
-one, append a Case to the table of its command."""
+only when a case names them) plus an optional `setup(tmp, places)` that writes its inputs first.
+To add one, append a Case to the table of its command."""
 
 from __future__ import annotations
 
@@ -30,32 +30,34 @@ class Case:
     """The command line, split on spaces, after its placeholders are filled."""
     needle: str
     """Text the error must contain."""
-    setup: Callable[[Path], None] | None = None
-    """Writes the case's inputs under the test's tmp folder before the snapshot."""
+    setup: Callable[[Path, dict[str, str]], None] | None = None
+    """Writes the case's inputs under the test's tmp folder (given the filled placeholders)
+    before the snapshot."""
+    needs: tuple[str, ...] = ()
+    """Placeholders the setup uses that the command line does not name."""
     usage: bool = False
     """typer's own usage error (a `Usage:` line and a boxed message) rather than ours."""
 
 
-def _file(path: str, text: str = "x") -> Callable[[Path], None]:
-    def setup(tmp: Path) -> None:
+def _file(path: str, text: str = "x") -> Callable[[Path, dict], None]:
+    def setup(tmp: Path, places: dict) -> None:
         (tmp / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp / path).write_text(text)
     return setup
 
 
-def _folder(path: str) -> Callable[[Path], None]:
-    return lambda tmp: (tmp / path).mkdir(parents=True)
+def _folder(path: str) -> Callable[[Path, dict], None]:
+    return lambda tmp, places: (tmp / path).mkdir(parents=True)
 
 
-def _run_copy(edit: Callable[[Path], None]) -> Callable[[Path], None]:
-    """Copy the trained run to tmp/runcopy and edit it (the run fixture is found by name)."""
-    def setup(tmp: Path) -> None:
-        shutil.copytree(RUN_HOLDER["run"], tmp / "runcopy")
+def _run_copy(edit: Callable[[Path], None]) -> Callable[[Path, dict], None]:
+    """Copy the trained run to tmp/runcopy and edit it (use with needs=("run",))."""
+    def setup(tmp: Path, places: dict) -> None:
+        shutil.copytree(places["run"], tmp / "runcopy")
         edit(tmp / "runcopy")
     return setup
 
 
-RUN_HOLDER: dict[str, Path] = {}
 TRAIN = "train --cache {syn} -o {out} --device cpu --no-progress --steps 4 --batch-size 32"
 SWEEP = ("sweep --cache {syn} -o {out} --device cpu --no-progress --steps 4 --batch-size 32 "
          "--log-every 2 --checkpoint-every 2")
@@ -168,13 +170,14 @@ CASES = [
     Case("eval-cache-of-another-width", EVAL + " --cache {tiny}", "d_in is 16"),
     Case("eval-cache-of-another-model", EVAL + " --cache {other}", "another model"),
     Case("eval-unwritable-sae-dir", EVAL.replace("{run}", "{tmp}/runcopy"), "eval.json",
-         setup=_run_copy(lambda run: (run / "eval.json").mkdir())),
+         setup=_run_copy(lambda run: (run / "eval.json").mkdir()), needs=("run",)),
 
     # audit
     Case("audit-missing-run", "audit {tmp}/nope", "nope"),
     Case("audit-not-a-run", "audit {tmp}/empty", "not a run folder", setup=_folder("empty")),
     Case("audit-garbled-train-config", "audit {tmp}/runcopy", "train_config.json",
-         setup=_run_copy(lambda run: (run / "train_config.json").write_text("{garbled"))),
+         setup=_run_copy(lambda run: (run / "train_config.json").write_text("{garbled")),
+         needs=("run",)),
 
     # features
     Case("features-missing-run", "features {tmp}/nope", "nope"),
@@ -217,7 +220,6 @@ def trained_run(syn_cache, tmp_path_factory) -> Path:
     train(TrainConfig(cache=str(syn_cache), out=str(out), expansion=2, batch_size=64, steps=10,
                       log_every=5, checkpoint_every=10, holdout_chunks=1, device="cpu",
                       progress=False))
-    RUN_HOLDER["run"] = out
     return out
 
 
@@ -250,12 +252,10 @@ def test_bad_input_exits_2_with_one_paragraph_and_changes_nothing(case, request,
                                                                   monkeypatch):
     places = {"tmp": str(tmp_path), "out": str(tmp_path / "out")}
     for place, fixture in PLACES.items():
-        if "{" + place + "}" in case.argv:
+        if "{" + place + "}" in case.argv or place in case.needs:
             places[place] = str(request.getfixturevalue(fixture))
     if case.setup is not None:
-        if "runcopy" in case.argv:
-            request.getfixturevalue("trained_run")
-        case.setup(tmp_path)
+        case.setup(tmp_path, places)
     argv = [part.format(**places) for part in case.argv.split()]
     monkeypatch.chdir(tmp_path)  # relative writes would land in the snapshot
     roots = [tmp_path] + [Path(places[p]) for p in PLACES if p in places]
