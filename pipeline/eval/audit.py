@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.errors import PipelineError
+from pipeline.eval.provenance import run_config
 from pipeline.eval.run import EVAL_FILE, FREQ_FILE
 from pipeline.sae.io import WEIGHTS
 from pipeline.train.checkpoint import AUDIT_LOG, STATE_FILE, list_checkpoints, sha256_file
@@ -81,7 +82,7 @@ def run_audit(run_dir: str | Path) -> dict:
     if not config_path.is_file():
         raise PipelineError(f"{run_dir} has no train_config.json: not a run folder of "
                             "`pipeline train`")
-    cfg = json.loads(config_path.read_text())
+    cfg = run_config(run_dir)
     rows = read_metrics(run_dir)
     if not rows:
         raise PipelineError(f"{run_dir} has no metrics.jsonl rows to audit")

@@ -4,6 +4,7 @@ cost of splicing the SAE into the model, written to SAE_DIR/eval.json."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -18,18 +19,15 @@ from pipeline.data import ActivationLoader
 from pipeline.data.reader import ChunkReader
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
+from pipeline.eval.provenance import check_cache_source, run_cache, run_config
 from pipeline.eval.recon import reconstruction_metrics
 from pipeline.eval.splice import spliced_ce
 from pipeline.extract import model as models
+from pipeline.paths import check_writable
 from pipeline.remote import local_cache
 from pipeline.sae.io import load_saelens
 
-EVAL_FILE, FREQ_FILE = "eval.json", "latent_freq.safetensors"
-
-
-def _run_config(sae_dir: Path) -> dict:
-    path = sae_dir / "train_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+EVAL_FILE, FREQ_FILE, WORDS_FILE = "eval.json", "latent_freq.safetensors", "absorption_words.json"
 
 
 def _layer_of(hook: str) -> int:
@@ -85,20 +83,60 @@ def holdout_sequences(cache: str, m: Manifest, chunks: list[int], n: int) -> np.
     return np.concatenate(seqs)[:n]
 
 
+def check_eval_args(holdout_chunks: int | None, stream: str, ce_sequences: int,
+                    absorption_every: int) -> None:
+    """The options' ranges, checked before anything is loaded."""
+    problems = []
+    if holdout_chunks is not None and holdout_chunks < 1:
+        problems.append(f"--holdout-chunks must be at least 1, got {holdout_chunks}")
+    if stream not in ("clean", "masked"):
+        problems.append(f"--stream must be clean or masked, got {stream!r}")
+    if ce_sequences < 0:
+        problems.append(f"--ce-sequences must be at least 0 (0 skips the cross-entropy), got "
+                        f"{ce_sequences}")
+    if absorption_every < 1:
+        problems.append(f"--absorption-every must be at least 1, got {absorption_every}")
+    if problems:
+        raise PipelineError("; ".join(problems) + ".")
+
+
+def finite_or_null(result: dict) -> dict:
+    """The result with every non-finite number as None (JSON null: NaN is not JSON), warning on
+    stderr with the names of those metrics."""
+    bad: list[str] = []
+
+    def clean(value, name: str):
+        if isinstance(value, dict):
+            return {k: clean(v, f"{name}.{k}" if name else k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v, f"{name}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, float) and not math.isfinite(value):
+            bad.append(name)
+            return None
+        return value
+
+    out = clean(result, "")
+    if bad:
+        print(f"warning: non-finite metrics written as null: {', '.join(bad)}", file=sys.stderr)
+    return out
+
+
 def evaluate(sae_dir: str | Path, cache: str | None = None, holdout_chunks: int | None = None,
              stream: str = "clean", ce_sequences: int = 16, model: str | None = None,
              device: str = "auto", progress: bool = True, absorption: bool = False,
              absorption_every: int = 8) -> dict:
     """Evaluate a saved SAE; writes eval.json (and latent frequencies) into its folder."""
     sae_dir = Path(sae_dir)
+    check_eval_args(holdout_chunks, stream, ce_sequences, absorption_every)
+    check_writable(sae_dir, (EVAL_FILE, FREQ_FILE) + ((WORDS_FILE,) if absorption else ()),
+                   flag="SAE_DIR")
     sae = load_saelens(sae_dir)
-    run = _run_config(sae_dir)
-    cache = cache or run.get("cache")
-    if not cache:
-        raise PipelineError(f"{sae_dir} does not say which cache it was trained on: pass --cache")
+    run = run_config(sae_dir)
+    cache = run_cache(sae_dir, run, cache)
     root = local_cache(cache)
     m = open_cache(root)
     layer = check_sae_fits_cache(sae.cfg, m, cache)
+    check_cache_source(sae_dir, run, sae.cfg, m, cache)
     if holdout_chunks is None:
         holdout_chunks = run.get("holdout_chunks") or 1
         if not run.get("holdout_chunks"):
@@ -123,7 +161,8 @@ def evaluate(sae_dir: str | Path, cache: str | None = None, holdout_chunks: int 
     if absorption:
         result["absorption"] = run_absorption(sae, m, layer, model, dev, absorption_every,
                                               sae_dir, progress)
-    (sae_dir / EVAL_FILE).write_text(json.dumps(result, indent=1))
+    result = finite_or_null(result)
+    (sae_dir / EVAL_FILE).write_text(json.dumps(result, indent=1, allow_nan=False))
     save_file({"freq": freq.cpu()}, str(sae_dir / FREQ_FILE))
     return result
 
@@ -153,7 +192,7 @@ def run_absorption(sae, m: Manifest, layer: int, model: str | None, device: str,
     acts = word_activations(base, layer, ids, pos, progress=bar.update)
     bar.close()
     result = absorption_scores(acts, [first_letter(w) for _, w in kept], sae.cpu(), cfg)
-    (out_dir / "absorption_words.json").write_text(json.dumps(
+    (out_dir / WORDS_FILE).write_text(json.dumps(
         {"every": every, "prompt_length": ids.shape[1], "word_position": pos,
          "words": [w for _, w in kept]}))
     return result

@@ -17,10 +17,12 @@ from cache_schema import TOKENS, Manifest, activation_array, chunk_file, hook_na
 from pipeline.data.reader import ChunkReader
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
+from pipeline.eval.provenance import check_cache_source, run_cache, run_config
 from pipeline.eval.run import check_sae_fits_cache, load_model_of, model_source_of
 from pipeline.extract import model as models
 from pipeline.features.collect import PAD, block_rows, collect, read_blocks
-from pipeline.features.site import write_site
+from pipeline.features.site import SITE_FILES, write_site
+from pipeline.paths import check_writable
 from pipeline.remote import local_cache
 from pipeline.sae.io import load_saelens
 
@@ -38,20 +40,17 @@ def parse_latents(spec: str | None, d_sae: int) -> list[int]:
     for part in spec.split(","):
         part = part.strip()
         try:
-            if "-" in part:
-                lo, hi = (int(v) for v in part.split("-", 1))
-                if hi < lo:
-                    raise ValueError
-                out.update(range(lo, hi + 1))
-            else:
-                out.add(int(part))
+            lo, hi = (int(v) for v in part.split("-", 1)) if "-" in part else (int(part),) * 2
+            if hi < lo:
+                raise ValueError
         except ValueError:
             raise PipelineError(f"cannot read latents {spec!r}: give indices and ranges like "
                                 "'0-511' or '3,17,40-49', or 'all'") from None
-    bad = sorted(i for i in out if not 0 <= i < d_sae)
-    if bad:
-        raise PipelineError(f"latent {bad[0]} is out of range: this SAE has {d_sae} latents "
-                            f"(0-{d_sae - 1})")
+        if not 0 <= lo <= hi < d_sae:  # checked before the range is built: it may be huge
+            bad = lo if not 0 <= lo < d_sae else hi
+            raise PipelineError(f"latent {bad} is out of range: this SAE has {d_sae} latents "
+                                f"(0-{d_sae - 1})")
+        out.update(range(lo, hi + 1))
     return sorted(out)
 
 
@@ -153,13 +152,12 @@ def features(sae_dir: str | Path, cache: str | None = None, latents: str | None 
     """Build the feature browser of a saved SAE; returns the path of index.html."""
     started = time.perf_counter()
     sae_dir = Path(sae_dir)
+    site = Path(out) if out is not None else sae_dir / "features"
+    check_writable(site, SITE_FILES, flag="--out")
     sae = load_saelens(sae_dir)
-    if cache is None:
-        path = sae_dir / "train_config.json"
-        cache = json.loads(path.read_text()).get("cache") if path.is_file() else None
-        if not cache:
-            raise PipelineError(f"{sae_dir} does not say which cache it was trained on: "
-                                "pass --cache")
+    chosen = parse_latents(latents, sae.cfg["d_sae"])
+    run = run_config(sae_dir)
+    cache = run_cache(sae_dir, run, cache)
     if examples < 1 or context < 0:
         raise PipelineError(f"--examples must be at least 1 and --context at least 0, got "
                             f"{examples} and {context}")
@@ -168,7 +166,7 @@ def features(sae_dir: str | Path, cache: str | None = None, latents: str | None 
     root = local_cache(cache)
     m = open_cache(root)
     layer = check_sae_fits_cache(sae.cfg, m, str(cache))
-    chosen = parse_latents(latents, sae.cfg["d_sae"])
+    check_cache_source(sae_dir, run, sae.cfg, m, str(cache))
     chunks = holdout_chunk_ids(sae_dir, m, holdout_chunks)
     check_tokens(Path(root), chunks)
     src = model_source_of(m, model)  # fail on a missing model before the long pass
@@ -200,4 +198,4 @@ def features(sae_dir: str | Path, cache: str | None = None, latents: str | None 
             "context": context, "seconds": None,
             "latents": build_features(stats, decode, logits, m.context_length)}
     data["seconds"] = round(time.perf_counter() - started, 2)
-    return write_site(Path(out) if out is not None else sae_dir / "features", data)
+    return write_site(site, data)

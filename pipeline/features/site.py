@@ -127,6 +127,9 @@ def latent_page(f: dict, data: dict) -> str:
     return page(f"Latent {f['index']}", body)
 
 
+SITE_FILES = ("index.html", "features.json")  # and latents/, a folder
+
+
 def write_site(out: Path, data: dict) -> Path:
     """Write index.html, latents/<i>.html and features.json under out; returns index.html."""
     (out / "latents").mkdir(parents=True, exist_ok=True)

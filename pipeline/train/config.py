@@ -4,6 +4,8 @@ and the config is saved beside every run (train_config.json)."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass
 
 from pipeline.errors import PipelineError
@@ -102,7 +104,9 @@ class TrainConfig:
     RESUMABLE = ("resume", "progress")
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = _type_problems(self)
+        if problems:  # ranges cannot be checked on values of the wrong type
+            raise PipelineError("; ".join(problems) + ".")
         if self.stream not in STREAMS:
             problems.append(f"unknown stream {self.stream!r} (expected one of {STREAMS})")
         if self.arch not in REGISTRY:
@@ -110,22 +114,15 @@ class TrainConfig:
                             f"{sorted(REGISTRY)})")
         if self.cuda_graph not in CUDA_GRAPH:
             problems.append(f"--cuda-graph must be one of {CUDA_GRAPH}, got {self.cuda_graph!r}")
-        for name in ("batch_size", "expansion", "log_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be at least 1")
-        if self.checkpoint_every % self.log_every:
+        problems += _range_problems(self)
+        if self.checkpoint_every >= 1 and self.log_every >= 1 and \
+                self.checkpoint_every % self.log_every:
             problems.append(f"--checkpoint-every ({self.checkpoint_every}) must be a multiple of "
                             f"--log-every ({self.log_every})")
         if self.tokens is not None and self.steps is not None:
             problems.append("give --tokens or --steps, not both")
         if self.tokens is not None and self.tokens < self.batch_size:
             problems.append(f"--tokens {self.tokens} is below one batch ({self.batch_size})")
-        if self.steps is not None and self.steps < 1:
-            problems.append("--steps must be at least 1")
-        if self.lr <= 0 or self.l1 < 0 or self.grad_clip < 0:
-            problems.append("--lr must be positive, --l1 and --grad-clip non-negative")
-        if not 0.0 <= self.lr_decay_fraction <= 1.0 or not 0.0 <= self.mix_fraction <= 1.0:
-            problems.append("--lr-decay-fraction and --mix-fraction must be in [0, 1]")
         if problems:
             raise PipelineError("; ".join(problems) + ".")
 
@@ -145,3 +142,61 @@ class TrainConfig:
     def identity(self) -> dict:
         """The settings that must match for --resume."""
         return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE}
+
+
+# The accepted range of every numeric setting: (lowest, highest, highest included); None = open.
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "layer": (0, None, True), "mix_fraction": (0, 1, True), "expansion": (1, None, True),
+    "d_sae": (1, None, True), "k": (1, None, True), "l1": (0, None, True),
+    "l1_warmup_steps": (0, None, True), "absorption": (0, None, True),
+    "mask_every": (1, None, True), "mask_eps": (0, None, True), "gate_reg": (0, None, True),
+    "aux_k": (1, None, True), "aux_coeff": (0, None, True), "dead_tokens": (1, None, True),
+    "batch_size": (1, None, True), "lr_warmup_steps": (0, None, True),
+    "lr_decay_fraction": (0, 1, True), "beta1": (0, 1, False), "beta2": (0, 1, False),
+    "grad_clip": (0, None, True), "tokens": (1, None, True), "steps": (1, None, True),
+    "seed": (0, None, True), "holdout_chunks": (0, None, True), "window_chunks": (1, None, True),
+    "log_every": (1, None, True), "checkpoint_every": (1, None, True),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _type_problems(cfg: TrainConfig) -> list[str]:
+    """Values of the wrong type (a grid file or a Python caller can pass anything)."""
+    problems = []
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        value = getattr(cfg, name)
+        kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+        if value is None and type(None) in typing.get_args(hint):
+            continue
+        kind = kinds[0]
+        ok = (isinstance(value, bool) if kind is bool
+              else isinstance(value, int | float) and not isinstance(value, bool) if kind is float
+              else isinstance(value, int) and not isinstance(value, bool) if kind is int
+              else isinstance(value, kind))
+        if not ok:
+            problems.append(f"{_flag(name)} must be {_KIND_NAMES[kind]}, got {value!r}")
+    return problems
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _range_problems(cfg: TrainConfig) -> list[str]:
+    """Numbers that are not finite or outside their range, each naming its flag."""
+    problems = []
+    for name, (lo, hi, hi_included) in RANGES.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            problems.append(f"{_flag(name)} must be a finite number, got {value}")
+        elif (lo is not None and value < lo) or (
+                hi is not None and (value > hi or (value == hi and not hi_included))):
+            upper = "" if hi is None else f" and {'at most' if hi_included else 'below'} {hi}"
+            problems.append(f"{_flag(name)} must be at least {lo}{upper}, got {value}")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        problems.append(f"--lr must be a positive finite number, got {cfg.lr}")
+    return problems

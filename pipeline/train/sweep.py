@@ -31,25 +31,28 @@ def parse_value(name: str, text: str):
         raise PipelineError(f"--set {name}={text}: expected {kind.__name__}") from e
 
 
+# Settings a grid point cannot set: the sweep names each point's folder (under -o), and it
+# resumes or shows progress as a whole.
+NOT_PER_POINT = ("out", "resume", "progress")
+
+
 def read_grid(grid_file: str | None, sets: list[str]) -> tuple[dict, dict[str, list]]:
     """(base settings, grid) from a JSON/TOML file ({"grid": {name: [values]}, other keys are
     base settings}) and --set name=v1,v2 options (which win)."""
     base: dict = {}
     grid: dict[str, list] = {}
     if grid_file:
-        path = Path(grid_file)
-        try:
-            text = path.read_text()
-            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        except (OSError, ValueError) as e:
-            raise PipelineError(f"cannot read the sweep grid {path}: {e}") from e
-        grid = {k: list(v) for k, v in data.pop("grid", {}).items()}
-        base = data
+        base, grid = _read_grid_file(Path(grid_file))
     for item in sets:
         name, sep, values = item.partition("=")
         if not sep or not values:
             raise PipelineError(f"--set {item!r}: expected name=value1,value2,...")
         grid[name] = [parse_value(name, v) for v in values.split(",")]
+    fixed = sorted(set(grid) & set(NOT_PER_POINT))
+    if fixed:
+        raise PipelineError(f"a sweep cannot vary {', '.join(fixed)} per point: use -o for the "
+                            "sweep's folder (each point gets a subfolder) and set --resume / "
+                            "--progress once for the whole sweep")
     shared = sorted(set(grid) & set(SHARED))
     if shared:
         raise PipelineError(f"the SAEs of one sweep share {', '.join(shared)}: set it once, "
@@ -57,6 +60,35 @@ def read_grid(grid_file: str | None, sets: list[str]) -> tuple[dict, dict[str, l
     if not grid:
         raise PipelineError("the sweep has no grid: pass --grid FILE or --set name=v1,v2")
     return base, grid
+
+
+def _read_grid_file(path: Path) -> tuple[dict, dict[str, list]]:
+    """(base settings, grid) of a grid file, with its shape and names checked (the values'
+    types are checked by TrainConfig, naming the flag)."""
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"cannot read the sweep grid {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise PipelineError(f"the sweep grid {path} must be a table/object of settings with a "
+                            f"'grid' table, not a {type(data).__name__}")
+    grid = data.pop("grid", {})
+    if not isinstance(grid, dict):
+        raise PipelineError(f"'grid' in {path} must be a table of name = [values], not a "
+                            f"{type(grid).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known) + sorted(f"grid.{k}" for k in set(grid) - known)
+    if unknown:
+        raise PipelineError(f"the sweep grid {path} has unknown settings {', '.join(unknown)}: "
+                            "use the names of `pipeline train --help` with _ for -")
+    if "out" in data:
+        raise PipelineError(f"the sweep grid {path} sets out: give the sweep's folder with -o")
+    lists = [k for k, v in grid.items() if not isinstance(v, list) or not v]
+    if lists:
+        raise PipelineError(f"grid.{lists[0]} in {path} must be a non-empty list of values, got "
+                            f"{grid[lists[0]]!r}")
+    return data, grid
 
 
 def expand(base: TrainConfig, overrides: dict, grid: dict[str, list]) -> list[TrainConfig]:
@@ -74,11 +106,16 @@ def expand(base: TrainConfig, overrides: dict, grid: dict[str, list]) -> list[Tr
 
 def sweep(base: TrainConfig, grid_file: str | None = None, sets: list[str] | None = None,
           ) -> list[dict]:
+    """Validate every point of the grid (settings, cache, loaders, folders), then write
+    sweep.json and train them all."""
     overrides, grid = read_grid(grid_file, sets or [])
     configs = expand(base, overrides, grid)
     root = Path(base.out)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / SWEEP_FILE).write_text(json.dumps(
-        {"grid": grid, "base": {**dataclasses.asdict(base), **overrides},
-         "runs": [c.out for c in configs]}, indent=1, default=str))
-    return train_many(configs)
+
+    def write_listing() -> None:  # called once every point has passed every check
+        root.mkdir(parents=True, exist_ok=True)
+        (root / SWEEP_FILE).write_text(json.dumps(
+            {"grid": grid, "base": {**dataclasses.asdict(base), **overrides},
+             "runs": [c.out for c in configs]}, indent=1, default=str))
+
+    return train_many(configs, before_writing=write_listing)

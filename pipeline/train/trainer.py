@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,37 +23,10 @@ from pipeline.sae.io import save_saelens
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import TrainConfig
 from pipeline.train.metrics import MetricsLog, plot_training
+from pipeline.train.rundir import check_run_dir, create_run_dir
 from pipeline.train.step import TrainStep
 
-CONFIG_FILE = "train_config.json"
 SUMMARY_FILE = "summary.json"
-
-
-def prepare_run_dir(cfg: TrainConfig) -> Path | None:
-    """Create the run folder, or check that it holds this run; returns the checkpoint to resume."""
-    run_dir = Path(cfg.out)
-    saved = run_dir / CONFIG_FILE
-    if saved.is_file():
-        old = json.loads(saved.read_text())
-        if not cfg.resume:
-            raise PipelineError(f"run folder {run_dir} already holds a run: pass --resume to "
-                                "continue it, or choose another --out")
-        mine = cfg.identity()
-        changed = sorted(k for k in mine if old.get(k) != mine[k])
-        if changed:
-            raise PipelineError(f"cannot resume {run_dir}: settings differ from the saved run in "
-                                f"{', '.join(changed)}; use the original settings or another --out")
-        checkpoints = ckpt.list_checkpoints(run_dir)
-        return checkpoints[-1] if checkpoints else None
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise PipelineError(f"--out {run_dir} exists and is not a run folder of ours; "
-                            "choose another --out")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(cfg.identity(), indent=1))
-    except OSError as e:
-        raise PipelineError(f"cannot write the run folder {run_dir}: {e.strerror or e}") from e
-    return None
 
 
 def resolve_layer(cfg: TrainConfig, layers: list[int]) -> int:
@@ -79,10 +53,12 @@ SHARED = ("cache", "layer", "batch_size", "seed", "window_chunks", "keep_special
           "holdout_chunks", "device", "tokens", "steps", "log_every", "checkpoint_every")
 
 
-def train_many(cfgs: list[TrainConfig], progress: bool | None = None) -> list[dict]:
+def train_many(cfgs: list[TrainConfig], progress: bool | None = None,
+               before_writing: Callable[[], None] | None = None) -> list[dict]:
     """Train K SAEs from one read of the cache: every batch goes to every SAE (one loader per
     distinct stream). Each has its own folder, metrics and checkpoints; resuming restarts all of
-    them from the newest checkpoint step they all have."""
+    them from the newest checkpoint step they all have. Nothing is written before every check
+    has passed; `before_writing` runs then, before the run folders are created."""
     base = cfgs[0]
     for cfg in cfgs[1:]:
         differ = [k for k in SHARED if getattr(cfg, k) != getattr(base, k)]
@@ -97,11 +73,11 @@ def train_many(cfgs: list[TrainConfig], progress: bool | None = None) -> list[di
     for cfg in cfgs:  # bad SAE or device settings fail before any folder is created
         cfg.sae_config(manifest.d_model)
         use_cuda_graph(cfg, device)
-    resume_from = [prepare_run_dir(cfg) for cfg in cfgs]
+    resume_from = [check_run_dir(cfg, manifest) for cfg in cfgs]
     start = _common_start(cfgs, resume_from)
     loaders: dict[tuple, ActivationLoader] = {}
     try:
-        for cfg in cfgs:
+        for cfg in cfgs:  # the loaders check their settings before any run folder is written
             key = _stream_key(cfg)
             if key not in loaders:
                 loaders[key] = ActivationLoader(
@@ -109,6 +85,10 @@ def train_many(cfgs: list[TrainConfig], progress: bool | None = None) -> list[di
                     seed=cfg.seed, start_step=start, window_chunks=cfg.window_chunks,
                     device=device, keep_special=cfg.keep_special,
                     holdout_chunks=cfg.holdout_chunks, mix_fraction=cfg.mix_fraction)
+        if before_writing is not None:
+            before_writing()
+        for cfg in cfgs:
+            create_run_dir(cfg, manifest)
         total = _total_steps(base, next(iter(loaders.values())))
         runs = [Run(cfg, manifest, layer, device, total, loaders[_stream_key(cfg)], start)
                 for cfg in cfgs]
