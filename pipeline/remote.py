@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 from cache_schema import CacheError, Manifest, read_chunk_record, read_manifest
@@ -67,7 +68,7 @@ class Mirror:
     def _get(self, name: str, local: Path) -> None:
         """Download to a temporary name, then rename (concurrent readers never see half a file)."""
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f"{local.name}.{os.getpid()}.partial")
+        tmp = _partial(local)
         self.fs.get_file(name, str(tmp))
         os.replace(tmp, local)
 
@@ -117,7 +118,7 @@ class Mirror:
         array, k = match["array"], int(match["k"])
         expected = read_chunk_record(self.root, k).get("checksums", {}).get(array)
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f"{local.name}.{os.getpid()}.partial")
+        tmp = _partial(local)
         try:
             self.fs.get_file(self._remote(local), str(tmp))
         except FileNotFoundError:
@@ -142,6 +143,11 @@ class Mirror:
         """Upload files of the mirror to the remote cache, in the order given."""
         for path in paths:
             self.fs.put_file(str(path), self._remote(path))
+
+
+def _partial(local: Path) -> Path:
+    """A download's temporary name, unique per process and thread (the loader reads in threads)."""
+    return local.with_name(f"{local.name}.{os.getpid()}-{threading.get_ident()}.partial")
 
 
 def _sha256(path: Path) -> str:
