@@ -139,3 +139,22 @@ def test_a_hostile_key_in_the_bucket_writes_nothing_outside_the_mirror(
     assert open_cache(local_cache(url)).n_chunks == 4  # what train, eval and features do
     planted = [p for p in tmp_path_factory.getbasetemp().rglob("*evil-a5c1*")]
     assert planted == []
+
+
+def test_cli_overwrite_of_a_remote_cache_refuses_then_replaces_only_its_entries(
+        bucket, tiny_model, corpus, tmp_path):  # noqa: F811
+    from pipeline.cli import app
+
+    url, prefix = f"{bucket}/over", "caches/over"
+    assert runner.invoke(app, extract_args(url, tiny_model, corpus)).exit_code == 0
+    fs().pipe(f"{prefix}/notes.md", b"mine")
+    r = runner.invoke(app, extract_args(url, tiny_model, corpus, "--seed", "7"))
+    assert r.exit_code == 2 and "different settings" in r.output and "mask_seed" in r.output
+    r = runner.invoke(app, extract_args(url, tiny_model, corpus, "--seed", "7", "--overwrite"))
+    assert r.exit_code == 0, r.output
+    manifest = json.loads(fs().cat(f"{prefix}/zarr.json"))["attributes"]["manifest"]
+    assert manifest["mask_seed"] == 7 and manifest["status"] == "complete"
+    assert fs().cat(f"{prefix}/notes.md") == b"mine"
+    new_process()
+    r = runner.invoke(app, ["verify", url])
+    assert r.exit_code == 0, r.output
