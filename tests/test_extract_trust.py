@@ -178,3 +178,35 @@ def test_non_finite_activations_stop_before_the_chunk_is_written(tmp_path, tiny_
     assert list_done_chunks(out) == [0]
     assert read_manifest(out).status == "writing"
     assert os.path.exists(out / "_chunks" / "00000000.json")
+
+
+@pytest.mark.slow
+def test_two_jobs_with_other_settings_on_one_folder_the_second_is_refused(tmp_path):
+    """The issue's race: job B (--overwrite, another seed) starts while job A writes."""
+    import time
+    from pathlib import Path
+
+    from cache_schema import verify
+    from tests.conftest import make_corpus, make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "model", n_layers=4, d_model=256)
+    corpus = make_corpus(tmp_path / "corpus", n_docs=40, words_per_doc=1000)
+    out = tmp_path / "shared"
+    size = ["--layer", "2", "--tokens", str(96 * 256), "--context-length", "64",
+            "--rows-per-chunk", "256", "--batch-size", "2", "--device", "cpu", "--no-progress"]
+    a = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "extract", "--out", str(out),
+                          "--model", str(model), "--corpus", str(corpus), *size],
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list_done_chunks(out) and a.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    a_running = a.poll() is None
+    b = runner.invoke(app, ["extract", "--out", str(out), "--model", str(model), "--corpus",
+                            str(corpus), *size, "--seed", "7", "--overwrite"])
+    _, a_err = a.communicate(timeout=300)
+    assert a_running, "job A finished before job B started: the race was not exercised"
+    assert_clean_error(b, "being written by another", str(out))
+    assert a.returncode == 0, a_err
+    m, problems = verify(out)
+    assert m.status == STATUS_COMPLETE and m.mask_seed == 0 and problems == []
