@@ -123,8 +123,11 @@ def test_overwrite_through_a_symlinked_cache_folder(tmp_path, tiny_model, corpus
     assert (real.parent / "neighbour.txt").read_text() == "keep"
 
 
-@pytest.mark.parametrize("content", [b"this is not a model\n" * 50, b"GGUF" + bytes(range(256))],
-                         ids=["no-magic", "truncated"])
+@pytest.mark.parametrize("content", [
+    b"this is not a model\n" * 50,
+    b"GGUF" + bytes(range(256)),  # a bad version
+    b"GGUF\x03\x00\x00\x00" + bytes(range(256)),  # a good header, then garbage
+], ids=["no-magic", "bad-version", "truncated"])
 def test_a_garbage_gguf_is_a_clean_error(tmp_path, corpus, monkeypatch, content):
     monkeypatch.setenv("PIPELINE_HOME", str(tmp_path / "home"))
     bad = tmp_path / "model.gguf"

@@ -85,13 +85,18 @@ def file_digest(path: Path) -> str:
 
 
 def _check_gguf(path: Path) -> None:
-    """Refuse a file without the GGUF magic before anything is converted or created."""
+    """Refuse a file without the GGUF magic and a known version before anything is converted
+    (the header only: parsing the whole file takes seconds)."""
     with open(path, "rb") as f:
-        head = f.read(4)
-    if head != b"GGUF":
-        raise PipelineError(f"model file {path} is not a GGUF file (it starts with {head!r}, "
+        head = f.read(8)
+    if head[:4] != b"GGUF":
+        raise PipelineError(f"model file {path} is not a GGUF file (it starts with {head[:4]!r}, "
                             "expected the magic b'GGUF'): pass a valid .gguf file, an HF model "
                             "folder, or a hub id")
+    version = int.from_bytes(head[4:], "little") if len(head) == 8 else None
+    if version not in (2, 3):
+        raise PipelineError(f"model file {path} is GGUF version {version}, expected 2 or 3: the "
+                            "file is damaged or from an unsupported writer; pass a valid .gguf")
 
 
 def convert_gguf(gguf: Path, fingerprint: str) -> Path:
