@@ -122,6 +122,8 @@ class Mirror:
         try:
             self.fs.get_file(self._remote(local), str(tmp))
         except FileNotFoundError:
+            if again:  # the mirror may hold a copy; the bucket's file is what is checked
+                raise PipelineError(f"chunk {k} of {array} is missing from {self.url}") from None
             return  # the reader reports the missing chunk with its usual message
         got = _sha256(tmp)
         if got != expected:
