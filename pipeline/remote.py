@@ -1,8 +1,10 @@
 """Caches on object storage (s3://, gs://, ... through fsspec) with a local read-through mirror.
 
-A remote cache is used through a local folder under PIPELINE_HOME/remote/<hash of the URL>:
+A remote cache is used through a local folder PIPELINE_HOME/remote/<hash of the URL>/<cache id>:
 readers download its metadata (zarr.json files and chunk records) when they open it and each
-chunk file the first time it is read; `extract --out URL` writes the cache in that folder and
+chunk file the first time it is read, checked against the SHA-256 in its chunk record before it
+enters the mirror; a cache replaced in the bucket (a new id) gets a fresh folder, so chunks of
+the old one are never read for it. `extract --out URL` writes the cache in that folder and
 uploads every chunk's files, then its record, as soon as the chunk is done (the manifest first
 as 'writing' and last as 'complete'), so an interrupted upload resumes like a crash.
 """
@@ -11,11 +13,24 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
+import threading
 from pathlib import Path
 
+from cache_schema import CacheError, Manifest, read_chunk_record, read_manifest
+from cache_schema.clear import OWN_ENTRIES
 from pipeline.errors import PipelineError
 
-_MIRRORS: dict[Path, Mirror] = {}
+_MIRRORS: dict[str, Mirror] = {}
+
+# The only remote names a mirror downloads as metadata (SPEC.md §1); anything else under the
+# prefix is ignored, so a hostile key such as `_chunks/../../x` is never written locally.
+_METADATA = re.compile(r"(?:(?:tokens|masked_tokens|is_masked|seq|clean|masked)/)?zarr\.json"
+                       r"|(?:clean|masked)/blocks\.\d+\.hook_resid_post/zarr\.json"
+                       r"|_chunks/\d{8}\.json")
+# A chunk file: <array>/c/<k> or <array>/c/<k>/0.
+_CHUNK = re.compile(r"(?P<array>.+)/c/(?P<k>\d+)(?:/0)?")
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -24,7 +39,8 @@ def is_remote(path: str | os.PathLike) -> bool:
 
 
 class Mirror:
-    """A remote cache URL and its local folder."""
+    """A remote cache URL and its local folders: `home` for the URL (the writer's lock lives
+    there), `root` for the cache id the bucket holds (None until known)."""
 
     def __init__(self, url: str):
         import fsspec
@@ -36,44 +52,94 @@ class Mirror:
             self.fs, self.base = fsspec.core.url_to_fs(self.url)
         except (ImportError, ValueError) as e:
             raise PipelineError(f"cannot open {url}: {e} (s3:// needs `pip install s3fs`)") from e
-        self.root = cache_home() / "remote" / hashlib.sha256(self.url.encode()).hexdigest()[:16]
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.home = cache_home() / "remote" / hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.root: Path | None = None
         self.pulled = False
+
+    def folder(self, cache_id: str) -> Path:
+        """The mirror folder of one cache id of this URL (also the writer's staging folder)."""
+        self.root = self.home / cache_id
+        return self.root
 
     def _remote(self, local: Path) -> str:
         return f"{self.base}/{local.relative_to(self.root).as_posix()}"
 
-    def pull_metadata(self) -> bool:
-        """Download zarr.json files and chunk records; False when there is no cache there."""
+    def _get(self, name: str, local: Path) -> None:
+        """Download to a temporary name, then rename (concurrent readers never see half a file)."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _partial(local)
+        self.fs.get_file(name, str(tmp))
+        os.replace(tmp, local)
+
+    def remote_manifest(self) -> Manifest | None:
+        """The manifest in the bucket, or None when there is no zarr.json under the prefix."""
         self.fs.invalidate_cache()
+        incoming = self.home / f".incoming.{os.getpid()}"
+        shutil.rmtree(incoming, ignore_errors=True)
         try:
-            names = [p for p in self.fs.find(self.base)
-                     if p.endswith("zarr.json") or "/_chunks/" in p]
+            self._get(f"{self.base}/zarr.json", incoming / "zarr.json")
+        except FileNotFoundError:
+            return None
+        try:
+            return read_manifest(incoming)
+        finally:
+            shutil.rmtree(incoming, ignore_errors=True)
+
+    def pull_metadata(self) -> bool:
+        """Download zarr.json files and chunk records into the folder of the bucket's cache id;
+        False when there is no cache there."""
+        m = self.remote_manifest()
+        if m is None:
+            return False
+        root = self.folder(m.cache_id)
+        try:
+            names = self.fs.find(self.base)
         except FileNotFoundError:
             return False
         for name in names:
-            local = self.root / name[len(self.base):].lstrip("/")
-            local.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(name, str(local))
-        self.pulled = any(n == f"{self.base}/zarr.json" for n in names)
-        return self.pulled
+            rel = name[len(self.base):].lstrip("/")
+            local = root / rel
+            if not _METADATA.fullmatch(rel) or not local.resolve().is_relative_to(root.resolve()):
+                continue
+            self._get(name, local)
+        self.pulled = True
+        return True
 
-    def fetch(self, local: Path) -> None:
-        """Make sure a chunk file is in the mirror (download to a temporary name, then rename)."""
-        if local.is_file():
+    def fetch(self, local: Path, again: bool = False) -> None:
+        """Make sure a chunk file is in the mirror: download it and check its SHA-256 against
+        the chunk record before it takes its name there (again: check the bucket's copy even
+        when the mirror has one)."""
+        if local.is_file() and not again:
             return
+        match = _CHUNK.fullmatch(local.relative_to(self.root).as_posix())
+        if match is None:
+            raise PipelineError(f"{local} is not a chunk file of the cache at {self.url}")
+        array, k = match["array"], int(match["k"])
+        expected = read_chunk_record(self.root, k).get("checksums", {}).get(array)
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f"{local.name}.{os.getpid()}.part")
+        tmp = _partial(local)
         try:
             self.fs.get_file(self._remote(local), str(tmp))
         except FileNotFoundError:
+            if again:  # the mirror may hold a copy; the bucket's file is what is checked
+                raise PipelineError(f"chunk {k} of {array} is missing from {self.url}") from None
             return  # the reader reports the missing chunk with its usual message
+        got = _sha256(tmp)
+        if got != expected:
+            tmp.unlink(missing_ok=True)
+            raise PipelineError(
+                f"chunk {k} of {array} downloaded from {self.url} has SHA-256 {got[:16]}..., but "
+                f"its chunk record says {str(expected)[:16]}...: the remote cache is corrupt or "
+                "being replaced; run `pipeline verify` on it, and re-run the extraction if it "
+                "stays bad (nothing was kept in the mirror)")
         os.replace(tmp, local)
 
     def clear_remote(self) -> None:
-        """Delete the remote cache (for --overwrite)."""
-        if self.fs.exists(self.base):
-            self.fs.rm(self.base, recursive=True)
+        """Delete the remote cache's own entries (for --overwrite); other keys stay."""
+        for name in OWN_ENTRIES:
+            if self.fs.exists(f"{self.base}/{name}"):
+                self.fs.rm(f"{self.base}/{name}", recursive=True)
 
     def push(self, paths: list[Path]) -> None:
         """Upload files of the mirror to the remote cache, in the order given."""
@@ -81,14 +147,25 @@ class Mirror:
             self.fs.put_file(str(path), self._remote(path))
 
 
+def _partial(local: Path) -> Path:
+    """A download's temporary name, unique per process and thread (the loader reads in threads)."""
+    return local.with_name(f"{local.name}.{os.getpid()}-{threading.get_ident()}.partial")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
 def mirror(url: str) -> Mirror:
     """The (one per process) mirror of a remote cache URL."""
-    root_key = next((r for r, m in _MIRRORS.items() if m.url == url.rstrip("/")), None)
-    if root_key is not None:
-        return _MIRRORS[root_key]
-    m = Mirror(url)
-    _MIRRORS[m.root] = m
-    return m
+    key = url.rstrip("/")
+    if key not in _MIRRORS:
+        _MIRRORS[key] = Mirror(key)
+    return _MIRRORS[key]
 
 
 def local_cache(path: str | os.PathLike) -> Path:
@@ -97,12 +174,45 @@ def local_cache(path: str | os.PathLike) -> Path:
     if not is_remote(path):
         return Path(path)
     m = mirror(str(path))
-    if not m.pulled and not m.pull_metadata():
-        raise PipelineError(f"no cache at {path}: there is no zarr.json under that prefix")
+    try:
+        if not m.pulled and not m.pull_metadata():
+            raise PipelineError(f"no cache at {path}: there is no zarr.json under that prefix")
+    except CacheError as e:
+        raise PipelineError(f"the cache at {path} is not usable: {e}") from e
     return m.root
 
 
 def fetcher(root: Path):
     """The chunk fetcher of a mirror folder, or None for a local cache."""
-    m = _MIRRORS.get(Path(root))
+    m = next((m for m in _MIRRORS.values() if m.root == Path(root)), None)
     return m.fetch if m is not None else None
+
+
+def fetch_all(root: Path, m: Manifest) -> dict[tuple[int, str], str]:
+    """Download every recorded chunk file of a mirrored cache (for verify: the bucket's bytes,
+    also where the mirror holds a copy): the refused downloads, by (chunk, array). Chunks
+    without a record are left to verify to report."""
+    from cache_schema import array_specs, chunk_file, list_done_chunks
+
+    fetch = fetcher(root)
+    problems = {}
+    for k in list_done_chunks(root):
+        for name, (shape, _) in array_specs(m).items():
+            try:
+                fetch(chunk_file(root, name, len(shape), k), again=True)
+            except (PipelineError, CacheError) as e:
+                problems[k, name] = str(e)
+    return problems
+
+
+def verify_any(path: str | os.PathLike) -> tuple[Manifest, list[str]]:
+    """`cache_schema.verify` of a local cache, or of a remote one through its mirror (every
+    chunk file downloaded and checked first; a refused download is that chunk's problem)."""
+    from cache_schema import read_manifest, verify
+
+    root = local_cache(path)
+    refused = fetch_all(root, read_manifest(root)) if is_remote(path) else {}
+    m, problems = verify(root)
+    problems = [p for p in problems  # a refused download also reads as a missing file there
+                if not any(p.startswith(f"chunk {k}: {name} ") for k, name in refused)]
+    return m, [f"chunk {k}: {name}: {e}" for (k, name), e in refused.items()] + problems

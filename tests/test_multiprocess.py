@@ -84,3 +84,23 @@ def test_a_killed_worker_leaves_a_resumable_cache(tiny_model, corpus, tmp_path):
     assert len(list_done_chunks(out)) < 24
     run(1, extract_args(tiny_model, corpus, out))
     assert files(out) == files(tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_a_second_job_is_refused_by_every_rank_while_another_holds_the_cache(tiny_model, corpus,
+                                                                            tmp_path):
+    from tests.test_extract_trust import hold_lock
+
+    out = tmp_path / "held"
+    holder = hold_lock(out)
+    try:
+        done = subprocess.run(command(2, extract_args(tiny_model, corpus, out)), env=ENV,
+                              capture_output=True, text=True, timeout=300, check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode != 0
+    assert "error: cache folder" in done.stderr and "being written by another" in done.stderr
+    # rank 0 exits 2 and torchrun stops the other (torchrun prints its own launcher traceback)
+    assert "exitcode  : 2" in done.stderr and "pipeline/extract" not in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

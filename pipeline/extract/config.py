@@ -78,6 +78,8 @@ class ExtractConfig:
             problems.append(
                 f"token budget {self.tokens} is below one chunk ({self.rows_per_chunk} rows): "
                 "raise --tokens or lower --rows-per-chunk")
+        if self.seed < 0:
+            problems.append(f"seed must be a non-negative integer (numpy seeds), got {self.seed}")
         if self.batch_size <= 0:
             problems.append(f"batch size must be positive, got {self.batch_size}")
         if not self.layers:

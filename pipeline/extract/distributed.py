@@ -1,8 +1,10 @@
 """Several extraction processes on one cache (launched by `torchrun` or `accelerate launch`):
-process r of N takes the chunks k with k % N == r. Rank 0 creates (or checks) the cache, a
-barrier releases the others, and whichever process finishes last marks the cache complete (each
-calls finalize, which does so only once every chunk has its record). A killed process leaves its
-chunks without records: the cache stays 'writing' and any later run resumes it."""
+process r of N takes the chunks k with k % N == r. Rank 0 takes the cache's writer lock and
+creates (or checks) the cache, a barrier releases the others; once every rank has passed a
+barrier at the end, rank 0 marks the cache complete (finalize) and only then lets the lock go, so
+the ranks of one job never lock each other out and no other job can start in between. A killed
+process leaves its chunks without records: the cache stays 'writing' and any later run resumes
+it."""
 
 from __future__ import annotations
 

@@ -84,6 +84,21 @@ def file_digest(path: Path) -> str:
     return memo[key]["sha256"]
 
 
+def _check_gguf(path: Path) -> None:
+    """Refuse a file without the GGUF magic and a known version before anything is converted
+    (the header only: parsing the whole file takes seconds)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] != b"GGUF":
+        raise PipelineError(f"model file {path} is not a GGUF file (it starts with {head[:4]!r}, "
+                            "expected the magic b'GGUF'): pass a valid .gguf file, an HF model "
+                            "folder, or a hub id")
+    version = int.from_bytes(head[4:], "little") if len(head) == 8 else None
+    if version not in (2, 3):
+        raise PipelineError(f"model file {path} is GGUF version {version}, expected 2 or 3: the "
+                            "file is damaged or from an unsupported writer; pass a valid .gguf")
+
+
 def convert_gguf(gguf: Path, fingerprint: str) -> Path:
     """De-quantize a GGUF file once into a float32 HF folder and return that folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,9 +107,13 @@ def convert_gguf(gguf: Path, fingerprint: str) -> Path:
     if (dest / "config.json").is_file():
         return dest
     print(f"converting {gguf.name} to a float32 HF folder at {dest} (once, ~30 s)", file=sys.stderr)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+    except Exception as e:  # the gguf reader raises anything on a corrupt file (ValueError, ...)
+        raise PipelineError(f"cannot read the GGUF model {gguf}: {type(e).__name__}: {e}; "
+                            "expected a complete GGUF file of a supported architecture") from e
     # The weights are de-quantized float32 now; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -126,6 +145,7 @@ def resolve_model(model: str, revision: str | None = None) -> ModelSource:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise PipelineError(f"model file {path} does not exist")
+        _check_gguf(path)
         fp = _gguf_fingerprint(path)
         return ModelSource(path.name, str(convert_gguf(path.resolve(), fp)), fp)
     if path.exists():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,18 +18,10 @@ from cache_schema import (
     CacheError,
     Manifest,
     activation_array,
-    aggregate_norm_stats,
-    array_specs,
-    chunk_file,
     hook_name,
     list_done_chunks,
-    read_chunk_record,
     read_manifest,
-    records_digest,
-    remove_leftovers,
-    write_manifest,
 )
-from cache_schema.store import record_path
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.extract import model as models
@@ -38,7 +29,8 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.extract.corpus import pack_sequences
 from pipeline.extract.distributed import Workers, workers
 from pipeline.extract.masking import mask_sequences
-from pipeline.extract.writer import ChunkWriter, chunk_stats, open_arrays
+from pipeline.extract.output import finalize, lock_output, prepare_output, prepare_remote, uploader
+from pipeline.extract.writer import ChunkWriter, check_finite, chunk_stats
 from pipeline.remote import is_remote, mirror
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -54,6 +46,11 @@ def plan(cfg: ExtractConfig) -> tuple[Manifest, np.ndarray, models.ModelSource, 
     if bad:
         raise PipelineError(f"layer(s) {bad} out of range: {src.name} has {n_layers} layers "
                             f"(0 to {n_layers - 1})")
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.context_length > positions:
+        raise PipelineError(f"context length {cfg.context_length} exceeds the {positions} positions "
+                            f"{src.name} was built for (max_position_embeddings): use "
+                            f"--context-length {positions} or less")
     if tok.bos_token_id is None:
         raise PipelineError(f"the tokenizer of {src.name} has no BOS token; sequences start with BOS")
     device = resolve_device(cfg.device)
@@ -96,38 +93,6 @@ def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def prepare_output(out: Path, m: Manifest, overwrite: bool) -> list[int]:
-    """Create the cache (manifest and every array's metadata), or check that an existing one is
-    this one; returns chunks already done. Run by one process only: with several, the others
-    start after it (creating the arrays from several processes at once races)."""
-    if out.exists() and not out.is_dir():
-        raise PipelineError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        try:
-            old = read_manifest(out)
-        except CacheError as e:
-            raise PipelineError(f"output {out} is not empty and is not a pipeline cache ({e}); "
-                                "choose another --out or empty it yourself") from e
-        if old.cache_id != m.cache_id:
-            if not overwrite:
-                changed = sorted(k for k, v in m.identity().items() if old.identity().get(k) != v)
-                raise PipelineError(
-                    f"output {out} holds cache {old.cache_id}, made with different settings "
-                    f"(differs in: {', '.join(changed)}); pass --overwrite to replace it or "
-                    "choose another --out")
-            shutil.rmtree(out)
-        else:
-            remove_leftovers(out)  # a killed writer's temporary files: not part of the cache
-            open_arrays(out, m)  # a run killed before it created them all
-            return list_done_chunks(out)
-    try:
-        write_manifest(out, m)
-        open_arrays(out, m)
-    except OSError as e:
-        raise PipelineError(f"cannot write the cache to {out}: {e.strerror or e}") from e
-    return []
-
-
 def _to_numpy(h: torch.Tensor, dtype: str) -> np.ndarray:
     h = h.to(_TORCH_DTYPES[dtype]).cpu()
     if dtype == "bfloat16":
@@ -139,17 +104,31 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> Manifest:
     """Run the extraction (or resume it) and return the manifest of the finished cache."""
     m, seqs, src, _tok = plan(cfg)
     remote = mirror(cfg.out) if is_remote(cfg.out) else None
-    out = remote.root if remote else Path(cfg.out)
+    out = remote.folder(m.cache_id) if remote else Path(cfg.out)
     team = workers(resolve_device(cfg.device))
-    error = None
+    error, lock = None, None
     if team.is_main and cfg.write:
-        try:
-            _prepare(out, m, cfg.overwrite, remote)
-        except PipelineError as e:
+        try:  # rank 0 holds the lock for the whole job, so its own ranks never meet it
+            lock = lock_output(out, remote)
+            out = prepare_remote(remote, m, cfg.overwrite) if remote else out
+            if remote is None:
+                prepare_output(out, m, cfg.overwrite)
+        except (PipelineError, CacheError) as e:
             error = str(e)
+            if lock is not None:
+                lock.release()
     error = team.from_main(error)  # the others start once the cache exists, or stop with rank 0
     if error is not None:
         raise PipelineError(error)
+    try:
+        return _extract_locked(cfg, m, seqs, src, out, team, remote, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _extract_locked(cfg, m: Manifest, seqs, src, out: Path, team: Workers, remote,
+                    progress: bool) -> Manifest:
     if remote is not None and not team.is_main:
         remote.pull_metadata()
     done = set(list_done_chunks(out)) if cfg.write else set()
@@ -159,28 +138,13 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> Manifest:
         print(f"cache {m.cache_id}: {m.n_chunks} chunks of {m.rows_per_chunk} tokens, "
               f"{len(done)} already written; hooks {', '.join(m.hooks)}{where}", file=sys.stderr)
         _run_chunks(cfg, m, seqs, src, out, todo, progress and team.is_main, team, remote)
-    if cfg.write:
+    team.from_main(None)  # a barrier: rank 0 keeps the lock until every rank is done
+    if cfg.write and team.is_main:
         m = finalize(out, m)
         if remote is not None and m.status == STATUS_COMPLETE:
             remote.push([out / "zarr.json"])
-    return m
-
-
-def _prepare(out: Path, m: Manifest, overwrite: bool, remote) -> None:
-    """prepare_output, for a remote cache on a fresh local mirror of its metadata (the remote
-    is the truth), then the manifest uploaded."""
-    if remote is None:
-        prepare_output(out, m, overwrite)
-        return
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    existed = remote.pull_metadata()
-    old_id = read_manifest(out).cache_id if existed else None
-    prepare_output(out, m, overwrite)
-    if old_id not in (None, m.cache_id):
-        remote.clear_remote()  # --overwrite of a different cache
-    arrays = [p for p in sorted(out.rglob("zarr.json")) if p != out / "zarr.json"]
-    remote.push([*arrays, out / "zarr.json"])  # every array's metadata, then the manifest
+    team.from_main(None)
+    return read_manifest(out) if cfg.write and not team.is_main else m
 
 
 def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progress: bool,
@@ -199,7 +163,7 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
     handles = [blocks[layer].register_forward_hook(hook(layer)) for layer in m.layers]
     input_device = next(base.parameters()).device
     vocab_size = base.get_input_embeddings().weight.shape[0]
-    writer = ChunkWriter(out, m, on_chunk=_uploader(out, m, remote)) if cfg.write else None
+    writer = ChunkWriter(out, m, on_chunk=uploader(out, m, remote)) if cfg.write else None
     spc, bs, R = m.sequences_per_chunk, m.batch_size, m.rows_per_chunk
     special = np.asarray(m.special_token_ids)
     bar = tqdm(total=len(todo) * R, unit="tok", unit_scale=True, desc="extract",
@@ -221,7 +185,10 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
                     h = captured.pop(layer).reshape(2, n * m.context_length, m.d_model)
                     nrm = h.float().norm(dim=-1).cpu().numpy()
                     for i, stream in enumerate(("clean", "masked")):
-                        acts[hook_name(layer)][stream].append(_to_numpy(h[i], m.storage_dtype))
+                        stored = _to_numpy(h[i], m.storage_dtype)
+                        check_finite(m, k, b * m.context_length, hook_name(layer), stream,
+                                     nrm[i], stored)
+                        acts[hook_name(layer)][stream].append(stored)
                         norms[hook_name(layer)][stream].append(nrm[i])
                 bar.update(n * m.context_length)
             if writer is None:
@@ -247,32 +214,3 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
         bar.close()
         for h in handles:
             h.remove()
-
-
-def _uploader(out: Path, m: Manifest, remote):
-    """For a remote cache: upload chunk k's files, then its record (so a record on the remote
-    always means the chunk's data is there)."""
-    if remote is None:
-        return None
-    specs = array_specs(m)
-
-    def upload(k: int) -> None:
-        remote.push([chunk_file(out, name, len(shape), k) for name, (shape, _) in specs.items()]
-                    + [record_path(out, k)])
-    return upload
-
-
-def finalize(out: Path, m: Manifest) -> Manifest:
-    """Mark the cache complete once every chunk has a record: aggregate stats, pin the records."""
-    done = list_done_chunks(out)
-    current = read_manifest(out)
-    if current.status == STATUS_COMPLETE:
-        return current
-    if len(done) < m.n_chunks:
-        return current
-    records = [read_chunk_record(out, k) for k in range(m.n_chunks)]
-    m.norm_stats = aggregate_norm_stats(records)
-    m.chunks_digest = records_digest(out, m)
-    m.status = STATUS_COMPLETE
-    write_manifest(out, m)
-    return m

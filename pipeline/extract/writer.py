@@ -17,6 +17,7 @@ from cache_schema import (
     chunk_checksums,
     write_chunk_record,
 )
+from pipeline.errors import PipelineError
 
 
 def _compressors(codec: str, dtype: np.dtype):
@@ -42,6 +43,30 @@ def open_arrays(root: str | Path, m: Manifest) -> dict[str, zarr.Array]:
             fill_value=0, config={"write_empty_chunks": True},
         )
     return arrays
+
+
+_FLOAT16_MAX = 65504.0
+
+
+def check_finite(m: Manifest, k: int, row0: int, hook: str, stream: str, norms: np.ndarray,
+                 stored: np.ndarray) -> None:
+    """Refuse a batch with a non-finite row before its chunk is written. A row's norm is
+    non-finite iff one of its entries is (or the norm overflows); float16 storage overflows to
+    inf only on entries above 65504, which forces the norm above that, so the full scan of the
+    stored values runs only then."""
+    bad = ~np.isfinite(norms)
+    if m.storage_dtype == "float16" and not bad.any() and norms.max(initial=0.0) > _FLOAT16_MAX:
+        bad = ~np.isfinite(stored.astype(np.float32)).all(axis=1)
+    if not bad.any():
+        return
+    first = row0 + int(np.flatnonzero(bad)[0])
+    raise PipelineError(
+        f"chunk {k}: {int(bad.sum())} row(s) of the {stream} stream of {hook} hold non-finite "
+        f"activations (NaN or inf in {m.compute_dtype}, stored as {m.storage_dtype}), the first at "
+        f"row {first} of the chunk (global row {k * m.rows_per_chunk + first}); expected finite "
+        "values. Try --compute-dtype float32 (and --dtype float32 if float16 storage overflows), "
+        f"or check the model's weights. Chunk {k} was not written; the chunks before it are "
+        "kept and a re-run resumes there.")
 
 
 def chunk_stats(norms: dict[str, dict[str, np.ndarray]], special: np.ndarray) -> dict:
