@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cache_schema.lock import WriterLock
 from pipeline.cli import app
 from pipeline.data.synthetic import write_synthetic_cache
 from pipeline.train.config import TrainConfig
@@ -44,6 +45,9 @@ def _file(path: str, text: str = "x") -> Callable[[Path, dict], None]:
         (tmp / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp / path).write_text(text)
     return setup
+
+
+_HELD: list[WriterLock] = []  # locks held for a case, as a running extract job holds its own
 
 
 def _folder(path: str) -> Callable[[Path, dict], None]:
@@ -86,6 +90,15 @@ CASES = [
          "--context-length 32 --rows-per-chunk 256 --batch-size 4 --seed 7 --device cpu "
          "--no-progress", "different settings"),
     Case("extract-tokens-not-a-number", EXTRACT + " --tokens many", "--tokens", usage=True),
+    # extract: issue 15
+    Case("extract-garbage-gguf", EXTRACT.replace("{model}", "{tmp}/m.gguf"), "m.gguf",
+         setup=_file("m.gguf", "not a gguf file at all")),
+    Case("extract-negative-seed", EXTRACT + " --seed -1", "seed"),
+    Case("extract-context-beyond-positions",
+         EXTRACT.replace("--tokens 512 --context-length 32 --rows-per-chunk 256",
+                         "--tokens 1024 --context-length 1024 --rows-per-chunk 1024"), "1024"),
+    Case("extract-folder-held-by-another-writer", EXTRACT, "another `pipeline extract` job",
+         setup=lambda tmp, places: _HELD.append(WriterLock(tmp / "out").acquire())),
     Case("inspect-missing-cache", "inspect {tmp}/nope", "nope"),
     Case("inspect-not-a-cache", "inspect {tmp}/empty", "empty", setup=_folder("empty")),
     Case("verify-missing-cache", "verify {tmp}/nope", "nope"),
