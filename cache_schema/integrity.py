@@ -25,9 +25,14 @@ class ChunkMismatch(CacheError):
     def __init__(self, k: int, array: str, path: Path, detail: str):
         self.problem = f"chunk {k}: {array} {detail} ({path})"
         super().__init__(
-            f"chunk {k} of {array} ({path}) {detail}: truncated or corrupt; run `pipeline "
-            "verify` on the cache to list every damaged chunk, then re-extract the cache or "
-            "restore the file. Nothing from this chunk was used.")
+            f"chunk {k} of {array} ({path}) {detail}. The file is truncated or corrupt; run "
+            "`pipeline verify` on the cache to list every damaged chunk, then re-extract the "
+            "cache or restore the file. Nothing from this chunk was used.")
+
+
+def checksum_mismatch(found: str, recorded: str) -> str:
+    """The detail of a ChunkMismatch for a file whose bytes do not hash to its record."""
+    return f"checksum mismatch (its SHA-256 is {found[:16]}..., its chunk record has {recorded[:16]}...)"
 
 
 def expected_file_bytes(m: Manifest, shape: tuple[int, ...], dtype: np.dtype) -> int | None:
@@ -67,6 +72,22 @@ def read_chunk_file(path: Path, k: int, array: str, *, size: int | None = None,
                 h.update(out[got:got + n])  # hashlib releases the GIL on large buffers
             got += n
     if h is not None and h.hexdigest() != sha256:
-        raise ChunkMismatch(k, array, path, f"does not match the SHA-256 in its chunk record "
-                                            f"(recorded {sha256}, found {h.hexdigest()})")
+        raise ChunkMismatch(k, array, path, checksum_mismatch(h.hexdigest(), sha256))
     return out
+
+
+def decompress(codec: str, frame: memoryview, k: int, array: str, path: Path, nbytes: int
+               ) -> memoryview:
+    """The raw bytes of a compressed chunk file (SPEC.md §2: a zstd or Blosc1 frame), which must
+    be `nbytes` long; ChunkMismatch if the frame cannot be decoded or decodes to another size."""
+    import numcodecs  # only compressed caches need it
+
+    try:
+        raw = {"zstd": numcodecs.Zstd, "blosc-lz4": numcodecs.Blosc}[codec]().decode(frame)
+    except Exception as e:  # the codecs' own error types
+        raise ChunkMismatch(k, array, path, f"cannot be decoded ({e})") from e
+    raw = memoryview(raw).cast("B")
+    if len(raw) != nbytes:
+        raise ChunkMismatch(k, array, path, f"decodes to {len(raw)} bytes where {nbytes} were "
+                                            "expected")
+    return raw

@@ -1,5 +1,5 @@
 """Read one whole chunk of one cache array: into a caller's buffer straight from the chunk file
-when uncompressed (readinto, no decode, the GIL released), decoded with numcodecs otherwise; or
+when uncompressed (readinto, no decode, the GIL released), decompressed otherwise; or
 map it into a WindowMap slot (uncompressed only).
 
 Every chunk file is checked against its chunk record (size, and SHA-256 hashed while the bytes
@@ -13,16 +13,19 @@ import os
 import threading
 from pathlib import Path
 
-import numcodecs
 import numpy as np
 
 from cache_schema import TOKENS, CacheError, Manifest, array_specs, chunk_file, read_chunk_record
-from cache_schema.integrity import ChunkMismatch, expected_file_bytes, read_chunk_file
+from cache_schema.integrity import (
+    ChunkMismatch,
+    checksum_mismatch,
+    decompress,
+    expected_file_bytes,
+    read_chunk_file,
+)
 from pipeline.data.mapping import WindowMap
 from pipeline.errors import PipelineError
 from pipeline.remote import fetcher
-
-_CODECS = {"zstd": numcodecs.Zstd, "blosc-lz4": numcodecs.Blosc}
 
 
 class ChunkReader:
@@ -93,23 +96,10 @@ class ChunkReader:
                 read_chunk_file(path, k, array, size=size, sha256=sha, out=view)
             else:
                 frame = read_chunk_file(path, k, array, sha256=sha)
-                self._decode(array, k, path, frame, view)
+                view[:] = decompress(self.m.codec, frame, k, array, path, len(view))
         except ChunkMismatch as e:
             raise PipelineError(str(e)) from e
         self._checked_ok(array, k, sha)
-
-    def _decode(self, array: str, k: int, path: Path, frame: memoryview, out: memoryview
-                ) -> None:
-        try:
-            raw = _CODECS[self.m.codec]().decode(frame)
-        except Exception as e:  # a codec error names neither the file nor the chunk
-            raise PipelineError(f"chunk {k} of {array} ({path}) could not be decoded ({e}): "
-                                "truncated or corrupt; run `pipeline verify`") from e
-        if len(raw) != len(out):
-            raise PipelineError(f"chunk {k} of {array} ({path}) decodes to {len(raw)} bytes "
-                                f"where {len(out)} were expected: truncated or corrupt; run "
-                                "`pipeline verify`")
-        out[:] = memoryview(raw).cast("B")
 
     def map_into(self, window: WindowMap, slot: int, array: str, k: int) -> None:
         """Map chunk k of an uncompressed activation array into a slot of `window` (checked
@@ -128,9 +118,8 @@ class ChunkReader:
         if sha is not None:
             found = hashlib.sha256(window.slot_view(slot)).hexdigest()
             if found != sha:
-                raise PipelineError(str(ChunkMismatch(
-                    k, array, path, "does not match the SHA-256 in its chunk record "
-                    f"(recorded {sha}, found {found})")))
+                raise PipelineError(str(ChunkMismatch(k, array, path,
+                                                      checksum_mismatch(found, sha))))
         self._checked_ok(array, k, sha)
 
     def tokens(self, k: int) -> np.ndarray:

@@ -11,12 +11,12 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from cache_schema import (
-    STREAMS,
     Manifest,
     array_specs,
     chunk_checksums,
     write_chunk_record,
 )
+from cache_schema import chunk_stats as chunk_stats  # its owner is cache_schema (verify uses it)
 
 
 def _compressors(codec: str, dtype: np.dtype):
@@ -42,22 +42,6 @@ def open_arrays(root: str | Path, m: Manifest) -> dict[str, zarr.Array]:
             fill_value=0, config={"write_empty_chunks": True},
         )
     return arrays
-
-
-def chunk_stats(norms: dict[str, dict[str, np.ndarray]], special: np.ndarray) -> dict:
-    """Norm sums of one chunk per hook and stream, with special-token rows counted apart."""
-    out: dict = {}
-    for hook, streams in norms.items():
-        for stream in STREAMS:
-            n = streams[stream].astype(np.float64)
-            reg, spc = n[~special], n[special]
-            out.setdefault(hook, {})[stream] = {
-                "count": int(reg.size), "sum": float(reg.sum()),
-                "sumsq": float(np.square(reg).sum()), "max": float(reg.max(initial=0.0)),
-                "special_count": int(spc.size), "special_sum": float(spc.sum()),
-                "special_max": float(spc.max(initial=0.0)),
-            }
-    return out
 
 
 class ChunkWriter:
