@@ -56,10 +56,9 @@ class ActivationLoader:
     each chunk file against its record (benchmarks only: corrupt bytes would be trained on).
 
     Host memory (`host_bytes`): 4 staging batches of batch_size x d_model x itemsize (pinned when
-    the batches go to a GPU), plus, where chunks are read rather than memory-mapped (compressed
-    caches, or no Linux), 2 window buffers of window_chunks x rows_per_chunk x d_model x
-    itemsize; mapped windows live in the page cache. On CUDA, also 3 device batches of the
-    storage dtype.
+    the batches go to a GPU), plus 2 window buffers of window_chunks x rows_per_chunk x d_model
+    x itemsize that chunks are read into (none with background.USE_MAPPING, an opt-in: mapped
+    windows live in the page cache). On CUDA, also 3 device batches of the storage dtype.
     """
 
     def __init__(self, cache: str | Path, layer: int, stream: str = "clean",
