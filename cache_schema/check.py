@@ -71,7 +71,7 @@ def check_array_metadata(root: str | Path, m: Manifest) -> list[str]:
         try:
             meta = json.loads(path.read_text())
             found = _found_array_meta(meta if isinstance(meta, dict) else {})
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, AttributeError, TypeError) as e:
             problems.append(f"{name}: array metadata {path} unreadable ({e})")
             continue
         for field, want in expected_array_meta(m, shape, dtype).items():
@@ -98,6 +98,8 @@ def _decode(m: Manifest, data: memoryview, shape: tuple[int, ...], dtype: np.dty
 def _close(a: Any, b: Any, rtol: float) -> bool:
     if a is None or b is None or (isinstance(a, int) and isinstance(b, int)):
         return a == b
+    if not isinstance(a, int | float) or not isinstance(b, int | float):
+        return False
     return math.isclose(float(a), float(b), rel_tol=rtol, abs_tol=1e-6)
 
 
@@ -105,7 +107,11 @@ def _compare(recorded: dict, recomputed: dict, rtol: float, where: str) -> list[
     problems = []
     for hook, streams in recomputed.items():
         for stream, want in streams.items():
-            got = (recorded.get(hook) or {}).get(stream) or {}
+            got = recorded.get(hook) if isinstance(recorded, dict) else None
+            got = got.get(stream) if isinstance(got, dict) else None
+            if not isinstance(got, dict):
+                problems.append(f"{where} have no entry for {hook} {stream}")
+                continue
             for key, value in want.items():
                 if not _close(got.get(key), value, rtol):
                     problems.append(f"{where} {hook} {stream} {key} is {got.get(key)} where the "

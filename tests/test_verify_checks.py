@@ -114,3 +114,14 @@ def test_a_compressed_chunk_that_does_not_decode_is_named(tmp_path):
     write_chunk_record(root, 3, record)
     reseal(root)
     assert_problems(verify_cli(root), f"chunk 3: {name} cannot be decoded")
+
+
+def test_malformed_records_and_metadata_are_problems_not_tracebacks(tmp_path):
+    root = make(tmp_path / "c")
+    record = read_chunk_record(root, 0)
+    record["stats"] = "garbage"
+    write_chunk_record(root, 0, record)
+    (root / "seq" / "zarr.json").write_text('{"chunk_grid": 3, "codecs": "x"}')
+    reseal(root)
+    r = verify_cli(root)
+    assert_problems(r, "chunk 0: recorded norm stats", "seq: ")
