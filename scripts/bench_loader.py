@@ -9,9 +9,10 @@ default loader (chunks read into window buffers, each file checked against its c
 SHA-256 on its first read: every file, since each measurement is a new loader's first epoch),
 "ours_unverified" the same with verify=False ("verify_ratio" = ours / ours_unverified, the
 check's cost), "ours_mapped" the memory-mapped windows (opt-in, unverified; the loader's old
-default). Warm: every file read once first (page cache). Cold: every file dropped from the page
-cache (posix_fadvise DONTNEED) before each measurement, if that works. Each is repeated; medians
-are reported.
+default) and "ours_mapped_verified" those with the check (hashing the mapped pages). Warm:
+every file read once first (page cache). Cold: every file dropped from the page cache
+(posix_fadvise DONTNEED) before each measurement, if that works. Each is repeated; medians are
+reported.
 
     python scripts/bench_loader.py [--cache DIR] [--chunks 48] [--rows 8192] [--d-model 576]
                                    [--verify both|on|off] [--no-mapped]
@@ -96,7 +97,11 @@ def loaders(verify: str, mapped: bool) -> list[tuple[str, bool, bool]]:
     out = [("ours", False, True)] if verify in ("on", "both") else []
     if verify in ("off", "both"):
         out.append(("ours_unverified", False, False))
-    return out + ([("ours_mapped", True, False)] if mapped else [])
+    if mapped:
+        out.append(("ours_mapped", True, False))
+        if verify in ("on", "both"):
+            out.append(("ours_mapped_verified", True, True))
+    return out
 
 
 def measure(files: list[Path], cache: Path, batch_size: int, cold: bool,
@@ -139,6 +144,9 @@ def summarise(runs: list[dict]) -> dict:
         out["verify_ratio"] = _ratio(runs, "ours", "ours_unverified")
         out["verify_ratios"] = [round(r["ours"]["GB_per_s"] / r["ours_unverified"]["GB_per_s"], 3)
                                 for r in runs]
+    if "ours_mapped_verified" in names:
+        out["verify_ratio_mapped"] = _ratio(runs, "ours_mapped_verified", "ours_mapped")
+        out["ratio_vs_mapped_verified"] = _ratio(runs, "ours", "ours_mapped_verified")
     if "ours_mapped" in names:
         out["ratio_mapped"] = _ratio(runs, "ours_mapped", "baseline")
         if main in names:
