@@ -109,6 +109,18 @@ def test_each_file_is_hashed_on_its_first_read_only(tmp_path, monkeypatch):
                                    for k in range(K))  # each file once
 
 
+def test_a_record_without_checksums_is_a_clear_error(tmp_path):
+    from cache_schema import read_chunk_record, write_chunk_record
+
+    root = make(tmp_path / "cache")
+    record = read_chunk_record(root, 0)
+    record["checksums"] = "gone"
+    write_chunk_record(root, 0, record)
+    with ActivationLoader(root, 0, batch_size=32, window_chunks=K) as loader, \
+            pytest.raises(PipelineError, match="record of chunk 0 has no checksum for"):
+        next(loader)
+
+
 def test_verify_and_the_loader_agree_on_a_good_cache(tmp_path):
     root = make(tmp_path / "cache", storage_dtype="bfloat16", codec="blosc-lz4")
     assert verify(root)[1] == []

@@ -69,7 +69,8 @@ class ChunkReader:
                 raise PipelineError(f"{e}; run `pipeline verify`") from e
             with self._lock:
                 self._records[k] = record
-        sha = record.get("checksums", {}).get(array) if isinstance(record, dict) else None
+        sums = record.get("checksums") if isinstance(record, dict) else None
+        sha = sums.get(array) if isinstance(sums, dict) else None
         if not isinstance(sha, str):
             raise PipelineError(f"the record of chunk {k} has no checksum for {array}: the "
                                 "cache is corrupt; run `pipeline verify`")
