@@ -1,6 +1,8 @@
 """The on-disk contract of an activation cache. Depends on nothing in `pipeline`."""
 
+from cache_schema.check import verify
 from cache_schema.errors import CacheError
+from cache_schema.integrity import ChunkMismatch, read_chunk_file
 from cache_schema.manifest import (
     CODECS,
     MASK_STRATEGIES,
@@ -22,6 +24,7 @@ from cache_schema.store import (
     array_specs,
     chunk_checksums,
     chunk_file,
+    chunk_stats,
     list_done_chunks,
     open_cache,
     read_chunk_record,
@@ -29,7 +32,6 @@ from cache_schema.store import (
     records_digest,
     remove_leftovers,
     storage_dtype,
-    verify,
     write_chunk_record,
     write_manifest,
 )
@@ -37,8 +39,8 @@ from cache_schema.store import (
 __all__ = [
     "CODECS", "IS_MASKED", "MASKED_TOKENS", "MASK_STRATEGIES", "SCHEMA_VERSION", "SEQ",
     "STATUS_COMPLETE", "STATUS_WRITING", "STORAGE_DTYPES", "STREAMS", "TOKENS", "CacheError",
-    "Manifest", "activation_array", "aggregate_norm_stats", "array_specs", "chunk_checksums",
-    "chunk_file", "hook_name", "list_done_chunks", "open_cache", "read_chunk_record",
-    "read_manifest", "records_digest", "remove_leftovers", "storage_dtype", "verify",
-    "write_chunk_record", "write_manifest",
+    "ChunkMismatch", "Manifest", "activation_array", "aggregate_norm_stats", "array_specs",
+    "chunk_checksums", "chunk_file", "chunk_stats", "hook_name", "list_done_chunks",
+    "open_cache", "read_chunk_file", "read_chunk_record", "read_manifest", "records_digest",
+    "remove_leftovers", "storage_dtype", "verify", "write_chunk_record", "write_manifest",
 ]

@@ -1,4 +1,4 @@
-"""On-disk layout of a cache: array names, chunk files, chunk records, manifest I/O, verification.
+"""On-disk layout of a cache: array names, chunk files, chunk records, manifest I/O, norm sums.
 
 Every stage reads and writes caches through these functions; SPEC.md describes the same layout
 for readers that do not use this package.
@@ -170,6 +170,23 @@ def records_digest(root: str | Path, m: Manifest) -> str:
     return h.hexdigest()
 
 
+def chunk_stats(norms: dict[str, dict[str, np.ndarray]], special: np.ndarray) -> dict:
+    """Norm sums of one chunk per hook and stream, with special-token rows counted apart
+    (the `stats` of a chunk record, SPEC.md §5-6)."""
+    out: dict = {}
+    for hook, streams in norms.items():
+        for stream in STREAMS:
+            n = streams[stream].astype(np.float64)
+            reg, spc = n[~special], n[special]
+            out.setdefault(hook, {})[stream] = {
+                "count": int(reg.size), "sum": float(reg.sum()),
+                "sumsq": float(np.square(reg).sum()), "max": float(reg.max(initial=0.0)),
+                "special_count": int(spc.size), "special_sum": float(spc.sum()),
+                "special_max": float(spc.max(initial=0.0)),
+            }
+    return out
+
+
 def aggregate_norm_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum per-chunk norm sums into per-hook, per-stream statistics (see SPEC.md)."""
     out: dict[str, Any] = {}
@@ -194,28 +211,3 @@ def aggregate_norm_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "special_max_norm": a["special_max"] if ns else None,
             }
     return out
-
-
-def verify(root: str | Path) -> tuple[Manifest, list[str]]:
-    """Check every chunk file against its recorded SHA-256. Returns the problems found."""
-    m = read_manifest(root)
-    problems = []
-    done = set(list_done_chunks(root))
-    for k in range(m.n_chunks):
-        if k not in done:
-            problems.append(f"chunk {k}: not written (no record)")
-            continue
-        try:
-            expected = read_chunk_record(root, k)["checksums"]
-        except (CacheError, KeyError) as e:
-            problems.append(f"chunk {k}: bad record ({e})")
-            continue
-        for name, (shape, _) in array_specs(m).items():
-            path = chunk_file(root, name, len(shape), k)
-            if not path.is_file():
-                problems.append(f"chunk {k}: {name} file missing ({path})")
-            elif file_sha256(path) != expected.get(name):
-                problems.append(f"chunk {k}: {name} checksum mismatch ({path})")
-    if m.status == STATUS_COMPLETE and not problems and records_digest(root, m) != m.chunks_digest:
-        problems.append("chunk records do not match the manifest's chunks_digest")
-    return m, problems

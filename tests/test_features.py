@@ -23,6 +23,7 @@ from cache_schema import (
     TOKENS,
     Manifest,
     activation_array,
+    chunk_stats,
     open_cache,
     write_manifest,
 )
@@ -30,7 +31,7 @@ from pipeline.cli import app
 from pipeline.data.reader import ChunkReader
 from pipeline.errors import PipelineError
 from pipeline.extract.run import finalize
-from pipeline.extract.writer import ChunkWriter, chunk_stats
+from pipeline.extract.writer import ChunkWriter
 from pipeline.features.collect import N_BINS, Histogram, TopExamples
 from pipeline.features.run import features, logit_effects, parse_latents
 from pipeline.features.site import esc, index_page, visible

@@ -3,9 +3,11 @@ into a ring of staging buffers. Two daemon threads joined by queues of buffer sl
 reference to the ActivationLoader, so an unclosed loader is still garbage collected (its
 finalizer then stops these threads).
 
-A window buffer is a WindowMap (uncompressed chunk files memory-mapped back to back: batches are
-gathered straight from the page cache, one copy) where the platform allows, else an ordinary
-host buffer the chunks are read (or decoded) into.
+A window buffer is an ordinary host buffer the chunks are read (or decoded) into: a chunk file
+truncated or rewritten while training runs then gives a clear error at its next read, and the
+bytes already read stay valid. Memory-mapped windows (WindowMap: batches gathered straight from
+the page cache) are kept only as an opt-in for comparison: a file truncated under a mapping kills
+the process with SIGBUS, which no Python code can turn into an error.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ WINDOW_SLOTS = 2
 """Window buffers: one served, one being read."""
 STAGING_SLOTS = 4
 """Host batch buffers: one (or two, on CUDA) with the consumer, the rest prepared ahead."""
-USE_MAPPING = True
-"""Map uncompressed chunk files where possible (tests turn it off to cover the read path)."""
+USE_MAPPING = False
+"""Map uncompressed chunk files where possible: off, see the module docstring (tests and
+bench_loader.py turn it on to compare)."""
 _POLL_S = 0.05
 
 

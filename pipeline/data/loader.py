@@ -52,20 +52,21 @@ class ActivationLoader:
     norms are outliers); the last `holdout_chunks` chunks are never trained on (`holdout()`);
     `mix_fraction` is the share of chunks read from the masked stream with stream "mix";
     `n_threads` chunks of a window are read at once; `pin` forces pinned staging on or off
-    (default: pinned iff device is CUDA and CUDA is available).
+    (default: pinned iff device is CUDA and CUDA is available); `verify=False` skips the check of
+    each chunk file against its record (benchmarks only: corrupt bytes would be trained on).
 
     Host memory (`host_bytes`): 4 staging batches of batch_size x d_model x itemsize (pinned when
-    the batches go to a GPU), plus, where chunks are read rather than memory-mapped (compressed
-    caches, or no Linux), 2 window buffers of window_chunks x rows_per_chunk x d_model x
-    itemsize; mapped windows live in the page cache. On CUDA, also 3 device batches of the
-    storage dtype.
+    the batches go to a GPU), plus 2 window buffers of window_chunks x rows_per_chunk x d_model
+    x itemsize that chunks are read into (none with background.USE_MAPPING, an opt-in: mapped
+    windows live in the page cache). On CUDA, also 3 device batches of the storage dtype.
     """
 
     def __init__(self, cache: str | Path, layer: int, stream: str = "clean",
                  batch_size: int = 4096, seed: int = 0, start_step: int = 0,
                  window_chunks: int = 4, device: str | torch.device = "cpu",
                  keep_special: bool = False, holdout_chunks: int = 0,
-                 mix_fraction: float = 0.5, n_threads: int = 2, pin: bool | None = None):
+                 mix_fraction: float = 0.5, n_threads: int = 2, pin: bool | None = None,
+                 verify: bool = True):
         self.root = local_cache(cache)  # a remote cache reads through a local mirror
         self.manifest: Manifest = open_cache(self.root)
         m = self.manifest
@@ -81,7 +82,7 @@ class ActivationLoader:
         self.train_chunks = list(range(m.n_chunks - holdout_chunks))
         self.holdout_chunk_ids = list(range(m.n_chunks - holdout_chunks, m.n_chunks))
         self.norm_scale = self._norm_scale()
-        self.reader = ChunkReader(self.root, m)
+        self.reader = ChunkReader(self.root, m, verify)
         self._special = None if keep_special else np.asarray(m.special_token_ids, np.int64)
         self.plan = RowPlan(self.train_chunks, self._valid_counts(), seed, window_chunks)
         self.rows_per_epoch = self.plan.rows_per_epoch

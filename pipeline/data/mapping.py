@@ -75,6 +75,11 @@ class WindowMap:
         finally:
             os.close(fd)
 
+    def slot_view(self, slot: int) -> np.ndarray:
+        """The bytes of one slot (valid while the slot's file stays mapped)."""
+        rows = self.array.shape[0] * self.chunk_bytes // self.size
+        return self.array[slot * rows:(slot + 1) * rows].reshape(-1).view(np.uint8)
+
     def close(self) -> None:
         """Unmap everything; `array` must not be used afterwards."""
         if self.addr is not None:

@@ -1,31 +1,45 @@
 """Read one whole chunk of one cache array: into a caller's buffer straight from the chunk file
-when uncompressed (one readinto, no decode, the GIL released), through zarr otherwise; or map it
-into a WindowMap slot (uncompressed only)."""
+when uncompressed (readinto, no decode, the GIL released), decompressed otherwise; or
+map it into a WindowMap slot (uncompressed only).
+
+Every chunk file is checked against its chunk record (size, and SHA-256 hashed while the bytes
+are read, in the calling read thread) the first time this reader reads it, before its rows can
+reach a batch (cache_schema/integrity.py; SPEC.md §8)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
 
 import numpy as np
-import zarr
 
-from cache_schema import TOKENS, Manifest, array_specs, chunk_file
+from cache_schema import TOKENS, CacheError, Manifest, array_specs, chunk_file, read_chunk_record
+from cache_schema.integrity import (
+    ChunkMismatch,
+    checksum_mismatch,
+    decompress,
+    expected_file_bytes,
+    read_chunk_file,
+)
 from pipeline.data.mapping import WindowMap
 from pipeline.errors import PipelineError
 from pipeline.remote import fetcher
 
 
 class ChunkReader:
-    """Chunk reads of one cache. `reads` counts them (tests check what a resume skips)."""
+    """Chunk reads of one cache. `reads` counts them (tests check what a resume skips). With
+    verify (the default) each chunk file is checked against its record on its first read; off
+    only for benchmarks: corrupt bytes would then be trained on."""
 
-    def __init__(self, root: str | Path, m: Manifest):
-        self.root, self.m = Path(root), m
+    def __init__(self, root: str | Path, m: Manifest, verify: bool = True):
+        self.root, self.m, self.verify = Path(root), m, verify
         self._fetch = fetcher(self.root)  # remote caches: download a chunk file on first read
         self._specs = array_specs(m)
-        self._zarr: dict[str, zarr.Array] = {}
         self._lock = threading.Lock()
+        self._records: dict[int, dict] = {}
+        self._checked: set[tuple[str, int]] = set()
         self.reads = 0
         self.log: list[tuple[str, int]] | None = None
         """Set to a list to record (array, chunk) of every read from then on (tests)."""
@@ -42,62 +56,75 @@ class ChunkReader:
             if self.log is not None:
                 self.log.append((array, k))
 
+    def _expected_sha(self, array: str, k: int) -> str | None:
+        """The recorded SHA-256 of this chunk file if it still has to be checked, else None."""
+        if not self.verify or (array, k) in self._checked:
+            return None
+        with self._lock:
+            record = self._records.get(k)
+        if record is None:
+            try:
+                record = read_chunk_record(self.root, k)
+            except CacheError as e:
+                raise PipelineError(f"{e}; run `pipeline verify`") from e
+            with self._lock:
+                self._records[k] = record
+        sums = record.get("checksums") if isinstance(record, dict) else None
+        sha = sums.get(array) if isinstance(sums, dict) else None
+        if not isinstance(sha, str):
+            raise PipelineError(f"the record of chunk {k} has no checksum for {array}: the "
+                                "cache is corrupt; run `pipeline verify`")
+        return sha
+
+    def _checked_ok(self, array: str, k: int, sha: str | None) -> None:
+        if sha is not None:
+            with self._lock:
+                self._checked.add((array, k))
+
     def read(self, array: str, k: int, out: np.ndarray) -> None:
         """Fill `out` (the chunk's rows, C-contiguous, of the array's on-disk itemsize) with
         chunk k of `array`. bfloat16 arrays (uint16 on disk) may be read into any 2-byte dtype."""
         self._count(array, k)
         path = self._path(array, out.ndim, k)
-        if self.m.codec != "none" and len(self._specs[array][0]) == 2:  # tokens: never compressed
-            self._read_zarr(array, k, path, out)
-            return
+        shape, dtype = self._specs[array]
+        size = expected_file_bytes(self.m, shape, dtype)
+        sha = self._expected_sha(array, k)
+        view = memoryview(out.reshape(-1).view(np.uint8))
         try:
-            with open(path, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != out.nbytes or f.readinto(memoryview(out.reshape(-1).view(np.uint8))
-                                                    ) != size:
-                    raise _wrong_size(array, k, path, size, out.nbytes)
-        except FileNotFoundError:
-            raise _missing(array, k, path) from None
+            if size is not None:  # uncompressed: straight into out
+                if size != out.nbytes:
+                    raise ValueError(f"a buffer of {out.nbytes} bytes for {size}-byte chunks")
+                read_chunk_file(path, k, array, size=size, sha256=sha, out=view)
+            else:
+                frame = read_chunk_file(path, k, array, sha256=sha)
+                view[:] = decompress(self.m.codec, frame, k, array, path, len(view))
+        except ChunkMismatch as e:
+            raise PipelineError(str(e)) from e
+        self._checked_ok(array, k, sha)
 
     def map_into(self, window: WindowMap, slot: int, array: str, k: int) -> None:
-        """Map chunk k of an uncompressed activation array into a slot of `window`."""
+        """Map chunk k of an uncompressed activation array into a slot of `window` (checked
+        against its record on the first read, from the mapped pages)."""
         self._count(array, k)
         path = self._path(array, 2, k)
+        sha = self._expected_sha(array, k)
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
-            raise _missing(array, k, path) from None
+            raise PipelineError(str(ChunkMismatch(k, array, path, "is missing"))) from None
         if size != window.chunk_bytes:  # reading a mapping past the end of a file would crash
-            raise _wrong_size(array, k, path, size, window.chunk_bytes)
+            raise PipelineError(str(ChunkMismatch(
+                k, array, path, f"has {size} bytes where {window.chunk_bytes} were expected")))
         window.place(slot, path)
-
-    def _read_zarr(self, array: str, k: int, path: Path, out: np.ndarray) -> None:
-        if not path.is_file():  # zarr would read a missing chunk as zeros
-            raise _missing(array, k, path)
-        with self._lock:
-            if array not in self._zarr:
-                self._zarr[array] = zarr.open_array(str(self.root / array), mode="r")
-            arr = self._zarr[array]
-        lo = k * self.m.rows_per_chunk
-        try:
-            data = arr[lo:lo + len(out)]
-        except Exception as e:  # a codec error names neither the file nor the chunk
-            raise PipelineError(f"chunk {k} of {array} ({path}) could not be decoded ({e}): "
-                                "truncated or corrupt; run `pipeline verify`") from e
-        out[...] = data.view(out.dtype)  # bfloat16: uint16 on disk, int16 in torch buffers
+        if sha is not None:
+            found = hashlib.sha256(window.slot_view(slot)).hexdigest()
+            if found != sha:
+                raise PipelineError(str(ChunkMismatch(k, array, path,
+                                                      checksum_mismatch(found, sha))))
+        self._checked_ok(array, k, sha)
 
     def tokens(self, k: int) -> np.ndarray:
         """Clean token ids of chunk k."""
         out = np.empty(self.m.rows_per_chunk, dtype=self._specs[TOKENS][1])
         self.read(TOKENS, k, out)
         return out
-
-
-def _missing(array: str, k: int, path: Path) -> PipelineError:
-    return PipelineError(f"chunk {k} of {array} is missing ({path}): the cache is incomplete "
-                         "or damaged; run `pipeline verify`")
-
-
-def _wrong_size(array: str, k: int, path: Path, size: int, expected: int) -> PipelineError:
-    return PipelineError(f"chunk {k} of {array} ({path}) has {size} bytes where {expected} "
-                         "were expected: truncated or corrupt; run `pipeline verify`")

@@ -18,12 +18,13 @@ from cache_schema import (
     TOKENS,
     Manifest,
     activation_array,
+    chunk_stats,
     hook_name,
     storage_dtype,
     write_manifest,
 )
 from pipeline.extract.run import finalize
-from pipeline.extract.writer import ChunkWriter, chunk_stats
+from pipeline.extract.writer import ChunkWriter
 
 BOS, VOCAB = 1, 1000
 

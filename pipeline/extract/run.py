@@ -18,6 +18,7 @@ from cache_schema import (
     CacheError,
     Manifest,
     activation_array,
+    chunk_stats,
     hook_name,
     list_done_chunks,
     read_manifest,
@@ -30,7 +31,7 @@ from pipeline.extract.corpus import pack_sequences
 from pipeline.extract.distributed import Workers, workers
 from pipeline.extract.masking import mask_sequences
 from pipeline.extract.output import finalize, lock_output, prepare_output, prepare_remote, uploader
-from pipeline.extract.writer import ChunkWriter, check_finite, chunk_stats
+from pipeline.extract.writer import ChunkWriter, check_finite
 from pipeline.remote import is_remote, mirror
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

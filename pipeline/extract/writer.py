@@ -11,7 +11,6 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from cache_schema import (
-    STREAMS,
     Manifest,
     array_specs,
     chunk_checksums,
@@ -67,22 +66,6 @@ def check_finite(m: Manifest, k: int, row0: int, hook: str, stream: str, norms: 
         "values. Try --compute-dtype float32 (and --dtype float32 if float16 storage overflows), "
         f"or check the model's weights. Chunk {k} was not written; the chunks before it are "
         "kept and a re-run resumes there.")
-
-
-def chunk_stats(norms: dict[str, dict[str, np.ndarray]], special: np.ndarray) -> dict:
-    """Norm sums of one chunk per hook and stream, with special-token rows counted apart."""
-    out: dict = {}
-    for hook, streams in norms.items():
-        for stream in STREAMS:
-            n = streams[stream].astype(np.float64)
-            reg, spc = n[~special], n[special]
-            out.setdefault(hook, {})[stream] = {
-                "count": int(reg.size), "sum": float(reg.sum()),
-                "sumsq": float(np.square(reg).sum()), "max": float(reg.max(initial=0.0)),
-                "special_count": int(spc.size), "special_sum": float(spc.sum()),
-                "special_max": float(spc.max(initial=0.0)),
-            }
-    return out
 
 
 class ChunkWriter:

@@ -159,7 +159,8 @@ class Run:
 
     def _resume(self, start: int) -> dict:
         path = self.dir / ckpt.CHECKPOINTS / f"step_{start:08d}"
-        tensors, meta = ckpt.load_checkpoint(path)
+        tensors, meta = ckpt.load_checkpoint(path, self.dir,
+                                             ckpt.expected_entries(self.sae, self.step))
         if meta.get("cache_id") != self.manifest.cache_id:
             raise PipelineError(
                 f"cannot resume {self.dir}: it was trained on cache {meta.get('cache_id')}, but "
