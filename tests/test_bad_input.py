@@ -210,21 +210,22 @@ PLACES = {"syn": "syn_cache", "other": "other_model_cache", "run": "trained_run"
           "model": "tiny_model", "corpus": "corpus", "tiny": "tiny_cache"}
 
 
+def _synthetic(tmp_path_factory, name: str, seed: int) -> Path:
+    root = tmp_path_factory.mktemp("bad_input") / name
+    write_synthetic_cache(root, n_chunks=4, rows_per_chunk=256, d_model=16, layers=(1,),
+                          context_length=32, seed=seed, index_column=False)
+    return root
+
+
 @pytest.fixture(scope="module")
 def syn_cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bad_input") / "syn"
-    write_synthetic_cache(root, n_chunks=4, rows_per_chunk=256, d_model=16, layers=(1,),
-                          context_length=32, seed=0, index_column=False)
-    return root
+    return _synthetic(tmp_path_factory, "syn", seed=0)
 
 
 @pytest.fixture(scope="module")
 def other_model_cache(tmp_path_factory) -> Path:
     """The same shape as syn_cache (d_model, hook) from another 'model' (fingerprint)."""
-    root = tmp_path_factory.mktemp("bad_input") / "other"
-    write_synthetic_cache(root, n_chunks=4, rows_per_chunk=256, d_model=16, layers=(1,),
-                          context_length=32, seed=1, index_column=False)
-    return root
+    return _synthetic(tmp_path_factory, "other", seed=1)
 
 
 @pytest.fixture(scope="module")
