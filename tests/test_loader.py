@@ -339,3 +339,11 @@ def test_split_gather_writes_the_rows_in_order(parts):
     with ThreadPoolExecutor(2) as pool:
         gather(src, rows, out, pool, parts)
     np.testing.assert_array_equal(out.numpy(), src[rows])
+
+
+def test_read_threads_default_to_one_per_core_up_to_four(monkeypatch):
+    from pipeline.data import loader
+
+    for cores, expected in ((1, 1), (2, 2), (16, 4)):
+        monkeypatch.setattr(loader.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert loader.default_read_threads() == expected

@@ -8,6 +8,7 @@ adds the device copy and the public API.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import weakref
 from collections import deque
@@ -27,6 +28,13 @@ from pipeline.remote import local_cache
 STREAMS = ("clean", "masked", "mix")
 DEVICE_SLOTS = 3
 _TORCH_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.int16}
+
+
+def default_read_threads() -> int:
+    """Read threads when none are asked for: one per core up to 4. They also hash each chunk on
+    its first read, which bounds a first epoch's throughput on few cores."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1))
 
 
 def should_pin(device: torch.device, pin: bool | None) -> bool:
@@ -51,7 +59,8 @@ class ActivationLoader:
     mixing, more memory); `keep_special` keeps BOS/EOS/... rows (left out by default: their
     norms are outliers); the last `holdout_chunks` chunks are never trained on (`holdout()`);
     `mix_fraction` is the share of chunks read from the masked stream with stream "mix";
-    `n_threads` chunks of a window are read at once; `pin` forces pinned staging on or off
+    `n_threads` chunks of a window are read at once (default: one per core, up to 4); `pin`
+    forces pinned staging on or off
     (default: pinned iff device is CUDA and CUDA is available); `verify=False` skips the check of
     each chunk file against its record (benchmarks only: corrupt bytes would be trained on).
 
@@ -65,9 +74,10 @@ class ActivationLoader:
                  batch_size: int = 4096, seed: int = 0, start_step: int = 0,
                  window_chunks: int = 4, device: str | torch.device = "cpu",
                  keep_special: bool = False, holdout_chunks: int = 0,
-                 mix_fraction: float = 0.5, n_threads: int = 2, pin: bool | None = None,
+                 mix_fraction: float = 0.5, n_threads: int | None = None, pin: bool | None = None,
                  verify: bool = True):
         self.root = local_cache(cache)  # a remote cache reads through a local mirror
+        n_threads = default_read_threads() if n_threads is None else n_threads
         self.manifest: Manifest = open_cache(self.root)
         m = self.manifest
         _check_args(m, cache, layer, stream, batch_size, start_step, window_chunks,
