@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cache_schema.errors import CacheError
+from cache_schema.files import atomic_write, file_sha256
 from cache_schema.manifest import STATUS_COMPLETE, STREAMS, Manifest
 
 MANIFEST_KEY = "manifest"
@@ -52,17 +52,7 @@ def chunk_file(root: str | Path, array: str, ndim: int, k: int) -> Path:
     return Path(root, array, "c", str(k), *(["0"] * (ndim - 1)))
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write a file so that a crash leaves either the old or the new content, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-# Interrupted writes: ours (atomic_write) and zarr's local store (`<chunk>.<uuid>.partial`).
+# Interrupted writes: ours (files.atomic_write) and zarr's local store (`<chunk>.<uuid>.partial`).
 LEFTOVER_SUFFIXES = (".tmp", ".partial")
 
 
@@ -143,17 +133,6 @@ def list_done_chunks(root: str | Path) -> list[int]:
     if not d.is_dir():
         return []
     return sorted(int(p.stem) for p in d.glob("*.json") if p.stem.isdigit())
-
-
-def file_sha256(path: Path, sync: bool = False) -> str:
-    """SHA-256 of a file; with sync, also flush it to stable storage (fsync)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-        if sync:
-            os.fsync(f.fileno())
-    return h.hexdigest()
 
 
 def chunk_checksums(root: str | Path, m: Manifest, k: int, sync: bool = False) -> dict[str, str]:

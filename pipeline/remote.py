@@ -20,7 +20,9 @@ from pathlib import Path
 
 from cache_schema import CacheError, Manifest, read_chunk_record, read_manifest
 from cache_schema.clear import OWN_ENTRIES
+from cache_schema.files import file_sha256
 from pipeline.errors import PipelineError
+from pipeline.home import cache_home
 
 _MIRRORS: dict[str, Mirror] = {}
 
@@ -44,8 +46,6 @@ class Mirror:
 
     def __init__(self, url: str):
         import fsspec
-
-        from pipeline.extract.model import cache_home
 
         self.url = url.rstrip("/")
         try:
@@ -125,7 +125,7 @@ class Mirror:
             if again:  # the mirror may hold a copy; the bucket's file is what is checked
                 raise PipelineError(f"chunk {k} of {array} is missing from {self.url}") from None
             return  # the reader reports the missing chunk with its usual message
-        got = _sha256(tmp)
+        got = file_sha256(tmp)
         if got != expected:
             tmp.unlink(missing_ok=True)
             raise PipelineError(
@@ -152,12 +152,6 @@ def _partial(local: Path) -> Path:
     return local.with_name(f"{local.name}.{os.getpid()}-{threading.get_ident()}.partial")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def mirror(url: str) -> Mirror:

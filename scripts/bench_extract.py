@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-import pipeline.extract.model as models
 import pipeline.extract.run as run
+import pipeline.models as models
 from cache_schema import activation_array
 from cache_schema.store import TOKEN_ARRAYS, storage_dtype
 from pipeline.extract.config import ExtractConfig

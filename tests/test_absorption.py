@@ -95,7 +95,7 @@ def test_no_absorption_without_absorbing_latents():
 def test_prompts_keep_the_word_token_at_a_fixed_position(tiny_model):
     from transformers import AutoTokenizer
 
-    from pipeline.extract.model import ModelSource, load_truncated
+    from pipeline.models import ModelSource, load_truncated
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     words = alpha_words(tok, every=1)

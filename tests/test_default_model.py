@@ -11,8 +11,8 @@ import torch
 
 from cache_schema import MASKED_TOKENS, TOKENS, activation_array, open_cache
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.model import DEFAULT_GGUF, DEFAULT_PACKAGE
 from pipeline.extract.run import extract
+from pipeline.models import DEFAULT_GGUF, DEFAULT_PACKAGE
 from tests.test_extract import read
 
 pytestmark = [

@@ -229,7 +229,7 @@ def test_resume_after_lost_chunks_gives_identical_bytes(tmp_path, tiny_cache, ti
 
 
 def test_model_is_truncated_after_the_deepest_hooked_layer(tiny_model):
-    from pipeline.extract.model import decoder_layers, load_truncated, resolve_model
+    from pipeline.models import decoder_layers, load_truncated, resolve_model
 
     base = load_truncated(resolve_model(str(tiny_model)), 2, torch.float32, "cpu")
     assert len(decoder_layers(base)) == 2
@@ -252,7 +252,7 @@ def test_cache_id_depends_on_content_not_on_paths(tmp_path, tiny_model, corpus):
 def test_model_fingerprint_sees_weight_values_not_only_sizes(tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.extract.model import folder_fingerprint
+    from pipeline.models import folder_fingerprint
 
     other = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     with torch.no_grad():

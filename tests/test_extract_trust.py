@@ -155,7 +155,7 @@ def test_bad_settings_are_refused_before_any_side_effect(tmp_path, tiny_model, c
                          ids=["nan", "float16-overflow"])
 def test_non_finite_activations_stop_before_the_chunk_is_written(tmp_path, tiny_model, corpus,
                                                                  monkeypatch, dtype, value):
-    from pipeline.extract import model as models
+    from pipeline import models
 
     real, calls = models.load_truncated, []
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from cache_schema.files import file_sha256
 from pipeline.cli import app
 from pipeline.data.synthetic import write_synthetic_cache
 from pipeline.errors import PipelineError
@@ -58,7 +59,7 @@ def test_train_writes_saelens_folder_metrics_plot_and_audit(cache, tmp_path):
     assert (out / "training.png").stat().st_size > 10_000
     audit = [json.loads(line) for line in (out / "audit.log").read_text().splitlines()]
     logged = {a["file"]: a["sha256"] for a in audit}
-    assert logged["sae_weights.safetensors"] == ckpt.sha256_file(out / "sae_weights.safetensors")
+    assert logged["sae_weights.safetensors"] == file_sha256(out / "sae_weights.safetensors")
     assert {a["step"] for a in audit} >= {20, 40, 60}
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000040", "step_00000060"]
     assert 0 < summary["holdout"]["fve"] <= 1 and summary["holdout"]["tokens"] > 0
@@ -113,7 +114,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(cache, 
     assert last.name == "step_00000040"
     audit = {json.loads(x)["file"]: json.loads(x)["sha256"]
              for x in (out / "audit.log").read_text().splitlines()}
-    assert audit[f"checkpoints/{last.name}/state.safetensors"] == ckpt.sha256_file(
+    assert audit[f"checkpoints/{last.name}/state.safetensors"] == file_sha256(
         last / "state.safetensors")
     tensors, meta = ckpt.load_checkpoint(last)
     assert meta["step"] == 40 and all(torch.isfinite(v).all() for k, v in tensors.items()

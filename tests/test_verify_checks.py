@@ -20,7 +20,7 @@ from cache_schema import (
     write_chunk_record,
     write_manifest,
 )
-from cache_schema.store import file_sha256
+from cache_schema.files import file_sha256
 from pipeline.cli import app
 from pipeline.data.synthetic import write_synthetic_cache
 

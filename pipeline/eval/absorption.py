@@ -239,7 +239,7 @@ def build_prompts(tok, words: list[tuple[int, str]], cfg: AbsorptionConfig):
 def word_activations(base, layer: int, ids: torch.Tensor, pos: int, batch_size: int = 32,
                      progress=None) -> torch.Tensor:
     """Residual stream after block `layer` at position `pos` of every prompt."""
-    from pipeline.extract.model import decoder_layers
+    from pipeline.models import decoder_layers
 
     captured = {}
 

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from cache_schema.files import file_sha256
 from pipeline.errors import PipelineError
 from pipeline.eval.provenance import run_config
 from pipeline.eval.run import EVAL_FILE, FREQ_FILE
 from pipeline.sae.io import WEIGHTS
-from pipeline.train.checkpoint import AUDIT_LOG, STATE_FILE, list_checkpoints, sha256_file
+from pipeline.train.checkpoint import AUDIT_LOG, STATE_FILE, list_checkpoints
 from pipeline.train.metrics import per_step_mse, read_metrics, rolling_variance
 
 L1_ARCHS = ("relu", "masked", "gated")
@@ -51,7 +52,7 @@ def verify_audit_log(run_dir: Path) -> list[str]:
     bad = []
     for name, digest in sorted(last.items()):
         file = run_dir / name
-        actual = sha256_file(file) if file.is_file() else None
+        actual = file_sha256(file) if file.is_file() else None
         if actual is not None and actual != digest:
             bad.append(f"{name}: SHA-256 {actual[:16]}... does not match the audit "
                        f"log's {digest[:16]}...")

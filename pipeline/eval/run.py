@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from cache_schema import Manifest, open_cache
+from pipeline import models
 from pipeline.data import ActivationLoader
 from pipeline.data.reader import ChunkReader
 from pipeline.devices import resolve_device
@@ -22,7 +23,6 @@ from pipeline.errors import PipelineError
 from pipeline.eval.provenance import check_cache_source, run_cache, run_config
 from pipeline.eval.recon import reconstruction_metrics
 from pipeline.eval.splice import spliced_ce
-from pipeline.extract import model as models
 from pipeline.paths import check_writable
 from pipeline.remote import local_cache
 from pipeline.sae.io import load_saelens
@@ -48,33 +48,6 @@ def check_sae_fits_cache(cfg: dict, m: Manifest, cache: str) -> int:
         raise PipelineError(f"the SAE's d_in is {cfg['d_in']}, but cache {cache} has d_model "
                             f"{m.d_model}: they come from different models")
     return layer
-
-
-def model_source_of(m: Manifest, model: str | None) -> models.ModelSource:
-    """Where the model that made the cache is (checked by fingerprint)."""
-    name = model or ("default" if m.model_name == models.DEFAULT_NAME else m.model_name)
-    try:
-        src = models.resolve_model(name, m.model_revision)
-    except PipelineError as e:
-        raise PipelineError(f"cannot find the model that made this cache ({m.model_name}): {e}; "
-                            "pass it with --model") from e
-    if src.fingerprint != m.model_fingerprint:
-        raise PipelineError(f"model {name} is not the one that made this cache (fingerprint "
-                            f"{src.fingerprint[:12]} vs {m.model_fingerprint[:12]}); pass the "
-                            "right one with --model")
-    return src
-
-
-def load_model_of(m: Manifest, model: str | None, device: str):
-    """The full causal LM that made the cache."""
-    from transformers import AutoModelForCausalLM
-
-    src = model_source_of(m, model)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    kwargs = {"dtype": dtype, "revision": src.revision}
-    if device != "cpu":
-        kwargs["device_map"] = {"": device}
-    return AutoModelForCausalLM.from_pretrained(src.path, **kwargs).eval()
 
 
 def holdout_sequences(cache: str, m: Manifest, chunks: list[int], n: int) -> np.ndarray:
@@ -152,7 +125,7 @@ def evaluate(sae_dir: str | Path, cache: str | None = None, holdout_chunks: int 
               "holdout_chunks": chunks, **metrics}
     if ce_sequences > 0:
         tokens = holdout_sequences(root, m, chunks, ce_sequences)
-        lm = load_model_of(m, model, dev)
+        lm = models.load_model_of(m, model, dev)
         bar = tqdm(total=len(tokens), unit="seq", desc="spliced CE", disable=not progress,
                    file=sys.stderr)
         result.update(spliced_ce(lm, layer, sae, tokens, m.special_token_ids,
@@ -180,7 +153,7 @@ def run_absorption(sae, m: Manifest, layer: int, model: str | None, device: str,
         word_activations,
     )
 
-    src = model_source_of(m, model)
+    src = models.model_source_of(m, model)
     tok = models.load_tokenizer(src)
     cfg = AbsorptionConfig(every=every)
     words = alpha_words(tok, every)

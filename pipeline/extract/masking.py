@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.errors import PipelineError
+
 
 def mask_sequences(tokens: np.ndarray, first_seq: int, rate: float, strategy: str,
                    mask_token_id: int, seed: int, protected_ids: list[int],
@@ -32,3 +34,19 @@ def mask_sequences(tokens: np.ndarray, first_seq: int, rate: float, strategy: st
             masked[row, m] = candidates[rng.integers(0, len(candidates), size=int(m.sum()))]
         is_masked[row] = m
     return masked, is_masked
+
+
+def choose_mask_token(tok, mask_token: str | None) -> int:
+    """Id of the mask token: the one given, else the tokenizer's mask, a reserved special, unk, eos."""
+    vocab = tok.get_vocab()
+    if mask_token is not None:
+        if mask_token.isdigit() and int(mask_token) < len(tok):
+            return int(mask_token)
+        if mask_token in vocab:
+            return vocab[mask_token]
+        raise PipelineError(f"mask token {mask_token!r} is not in the tokenizer's vocabulary "
+                            "(give a token string or an integer id)")
+    for cand in (tok.mask_token, "<|reserved_special_token_0|>", tok.unk_token, tok.eos_token):
+        if cand is not None and cand in vocab:
+            return vocab[cand]
+    raise PipelineError("the tokenizer has no mask, reserved, unk or eos token: pass --mask-token")

@@ -23,13 +23,13 @@ from cache_schema import (
     list_done_chunks,
     read_manifest,
 )
+from pipeline import models
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.extract import model as models
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.corpus import pack_sequences
 from pipeline.extract.distributed import Workers, workers
-from pipeline.extract.masking import mask_sequences
+from pipeline.extract.masking import choose_mask_token, mask_sequences
 from pipeline.extract.output import finalize, lock_output, prepare_output, prepare_remote, uploader
 from pipeline.extract.writer import ChunkWriter, check_finite
 from pipeline.remote import is_remote, mirror
@@ -80,7 +80,7 @@ def plan(cfg: ExtractConfig) -> tuple[Manifest, np.ndarray, models.ModelSource, 
         n_model_layers=n_layers, d_model=d_model, context_length=cfg.context_length,
         n_sequences=len(seqs), rows_per_chunk=cfg.rows_per_chunk, batch_size=cfg.batch_size,
         storage_dtype=cfg.dtype, codec=cfg.codec, mask_rate=cfg.mask_rate,
-        mask_strategy=cfg.mask_strategy, mask_token_id=models.choose_mask_token(tok, cfg.mask_token),
+        mask_strategy=cfg.mask_strategy, mask_token_id=choose_mask_token(tok, cfg.mask_token),
         mask_seed=cfg.seed, bos_token_id=tok.bos_token_id, special_token_ids=special,
         tokenizer_hash=models.tokenizer_hash(tok), corpus_source=cfg.corpus,
         corpus_fingerprint=_sha256(seqs),

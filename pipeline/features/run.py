@@ -14,12 +14,12 @@ import torch
 from tqdm import tqdm
 
 from cache_schema import TOKENS, Manifest, activation_array, chunk_file, hook_name, open_cache
+from pipeline import models
 from pipeline.data.reader import ChunkReader
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.eval.provenance import check_cache_source, run_cache, run_config
-from pipeline.eval.run import check_sae_fits_cache, load_model_of, model_source_of
-from pipeline.extract import model as models
+from pipeline.eval.run import check_sae_fits_cache
 from pipeline.features.collect import PAD, block_rows, collect, read_blocks
 from pipeline.features.site import SITE_FILES, write_site
 from pipeline.paths import check_writable
@@ -169,7 +169,7 @@ def features(sae_dir: str | Path, cache: str | None = None, latents: str | None 
     check_cache_source(sae_dir, run, sae.cfg, m, str(cache))
     chunks = holdout_chunk_ids(sae_dir, m, holdout_chunks)
     check_tokens(Path(root), chunks)
-    src = model_source_of(m, model)  # fail on a missing model before the long pass
+    src = models.model_source_of(m, model)  # fail on a missing model before the long pass
     dev = resolve_device(device)
     sae = sae.to(dev)
 
@@ -189,7 +189,7 @@ def features(sae_dir: str | Path, cache: str | None = None, latents: str | None 
                     m.special_token_ids, dev, progress=bar.update)
     bar.close()
 
-    lm = load_model_of(m, model, dev)
+    lm = models.load_model_of(m, model, dev)
     logits = logit_effects(lm, sae.W_dec[torch.tensor(chosen, device=sae.W_dec.device)])
     decode = Decoder(models.load_tokenizer(src))
     data = {"sae": str(sae_dir), "cache": str(cache), "cache_id": m.cache_id,

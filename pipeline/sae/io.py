@@ -12,14 +12,13 @@ prepend_bos there (our sequences start with BOS, so prepend_bos defaults to True
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cache_schema.store import file_sha256
+from cache_schema.files import atomic_write, file_sha256
 from pipeline.errors import PipelineError
 from pipeline.sae.base import SAE
 
@@ -28,16 +27,6 @@ SAE_LENS_VERSION = "6.0.0"
 _TENSORS = {"standard": ("W_enc", "W_dec", "b_enc", "b_dec"),
             "topk": ("W_enc", "W_dec", "b_enc", "b_dec"),
             "jumprelu": ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
-
-
-def _write_atomic(path: Path, write) -> None:
-    """write(tmp_path) then fsync and rename over `path`: a reader sees the old file or the new
-    one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_saelens(folder: str | Path, sae: SAE, scale: float, metadata: dict) -> dict[str, str]:
@@ -59,8 +48,8 @@ def save_saelens(folder: str | Path, sae: SAE, scale: float, metadata: dict) -> 
            "metadata": {"prepend_bos": True, "trained_arch": sae.cfg.arch, **metadata,
                         "sae_lens_version": SAE_LENS_VERSION}}
     text = json.dumps(cfg, indent=1, default=str)
-    _write_atomic(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
-    _write_atomic(folder / CFG, lambda tmp: tmp.write_text(text))
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(folder / CFG, lambda tmp: tmp.write_text(text))
     return {name: file_sha256(folder / name) for name in (WEIGHTS, CFG)}
 
 

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+from cache_schema.files import file_sha256
+from pipeline.home import cache_home
+
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fopenmp", "-shared", "-fPIC")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -141,8 +144,6 @@ def _build(flags: tuple[str, ...]) -> tuple[Path, str]:
         raise FileNotFoundError(f"no C compiler ({cc}) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *flags, _cpu()]).encode())
-    from pipeline.extract.model import cache_home
-
     folder = _private_folder(cache_home() / "kernels")
     out = folder / f"kernels-{key.hexdigest()[:16]}.so"
     digest_file = out.with_suffix(".sha256")
@@ -156,7 +157,7 @@ def _build(flags: tuple[str, ...]) -> tuple[Path, str]:
                 subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True,
                                text=True, check=True)
                 os.chmod(tmp, 0o700)
-                digest = _sha256(Path(tmp))
+                digest = file_sha256(Path(tmp))
                 digest_file.write_text(digest + "\n")
                 os.replace(tmp, out)
             finally:
@@ -191,21 +192,17 @@ def _recorded_digest(lib: Path, digest_file: Path) -> str | None:
         recorded = digest_file.read_text().strip()
     except FileNotFoundError:
         return None  # built before digests were recorded: rebuilt, quietly
-    if _sha256(lib) == recorded:
+    if file_sha256(lib) == recorded:
         return recorded
     warnings.warn(f"{lib} does not match the SHA-256 recorded when it was built "
                   f"({digest_file}); it is not loaded but rebuilt", RuntimeWarning, stacklevel=3)
     return None
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _load(path: Path, digest: str) -> ctypes.CDLL:
     """Load the library after checking, once more, its owner, mode and recorded SHA-256."""
     _check_owner(path)
-    if _sha256(path) != digest:
+    if file_sha256(path) != digest:
         raise PermissionError(f"{path} changed after it was built; not loading it")
     lib = ctypes.CDLL(str(path))
     for name, argtypes in SIGNATURES.items():

