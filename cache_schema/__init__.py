@@ -1,6 +1,7 @@
 """The on-disk contract of an activation cache. Depends on nothing in `pipeline`."""
 
 from cache_schema.check import verify
+from cache_schema.dtypes import storage_dtype
 from cache_schema.errors import CacheError
 from cache_schema.integrity import ChunkMismatch, read_chunk_file
 from cache_schema.manifest import (
@@ -31,7 +32,6 @@ from cache_schema.store import (
     read_manifest,
     records_digest,
     remove_leftovers,
-    storage_dtype,
     write_chunk_record,
     write_manifest,
 )

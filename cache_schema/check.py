@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from cache_schema.dtypes import decode
 from cache_schema.errors import CacheError
 from cache_schema.integrity import (
     ChunkMismatch,
@@ -90,9 +91,7 @@ def _decode(m: Manifest, data: memoryview, shape: tuple[int, ...], dtype: np.dty
     values = np.frombuffer(data, dtype=dtype).reshape(m.rows_per_chunk, *shape[1:])
     if len(shape) == 1:
         return values
-    if m.storage_dtype == "bfloat16":
-        return (values.astype(np.uint32) << 16).view(np.float32)
-    return values.astype(np.float32)
+    return decode(values, m.storage_dtype)
 
 
 def _close(a: Any, b: Any, rtol: float) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cache_schema.dtypes import storage_dtype
 from cache_schema.errors import CacheError
 from cache_schema.files import atomic_write, file_sha256
 from cache_schema.manifest import STATUS_COMPLETE, STREAMS, Manifest
@@ -22,7 +23,6 @@ MANIFEST_KEY = "manifest"
 RECORDS_DIR = "_chunks"
 TOKENS, MASKED_TOKENS, IS_MASKED, SEQ = "tokens", "masked_tokens", "is_masked", "seq"
 TOKEN_ARRAYS = {TOKENS: "<i4", MASKED_TOKENS: "<i4", IS_MASKED: "|b1", SEQ: "<i4"}
-_STORAGE = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
 
 
 def activation_array(stream: str, hook: str) -> str:
@@ -30,11 +30,6 @@ def activation_array(stream: str, hook: str) -> str:
     if stream not in STREAMS:
         raise CacheError(f"unknown stream {stream!r}: expected one of {STREAMS}")
     return f"{stream}/{hook}"
-
-
-def storage_dtype(name: str) -> np.dtype:
-    """numpy dtype of the stored activation bytes (bfloat16 is stored as uint16 bit patterns)."""
-    return np.dtype(_STORAGE[name])
 
 
 def array_specs(m: Manifest) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

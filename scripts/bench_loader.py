@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from cache_schema import activation_array, chunk_file, open_cache
+from cache_schema.synthetic import write_synthetic_cache
 from pipeline.data import ActivationLoader, background
-from pipeline.data.synthetic import write_synthetic_cache
 
 
 def log(msg: str) -> None:

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.data.synthetic import write_synthetic_cache
+from cache_schema.synthetic import write_synthetic_cache
 
 GRID = ["arch=relu,masked", "l1=0.001,0.004"]
 

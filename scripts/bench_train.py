@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cache_schema.synthetic import write_synthetic_cache
 from pipeline.data import ActivationLoader
-from pipeline.data.synthetic import write_synthetic_cache
 from pipeline.sae import SAEConfig, build_sae
 from pipeline.train.memory import keep_freed_memory
 from pipeline.train.step import TrainStep

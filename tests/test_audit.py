@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
-from pipeline.data.synthetic import write_synthetic_cache
 from pipeline.errors import PipelineError
 from pipeline.eval.audit import run_audit
 from pipeline.train.config import TrainConfig

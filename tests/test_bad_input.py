@@ -18,8 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cache_schema.lock import WriterLock
+from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
-from pipeline.data.synthetic import write_synthetic_cache
 from pipeline.train.config import TrainConfig
 from pipeline.train.trainer import train
 

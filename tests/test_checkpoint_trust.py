@@ -10,8 +10,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
-from pipeline.data.synthetic import write_synthetic_cache
 from pipeline.train import checkpoint as ckpt
 
 

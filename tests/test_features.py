@@ -27,10 +27,10 @@ from cache_schema import (
     open_cache,
     write_manifest,
 )
+from cache_schema.write import finalize
 from pipeline.cli import app
 from pipeline.data.reader import ChunkReader
 from pipeline.errors import PipelineError
-from pipeline.extract.run import finalize
 from pipeline.extract.writer import ChunkWriter
 from pipeline.features.collect import N_BINS, Histogram, TopExamples
 from pipeline.features.run import features, logit_effects, parse_latents

@@ -24,9 +24,9 @@ from cache_schema import (
     verify,
     write_manifest,
 )
+from cache_schema.synthetic import write_synthetic_cache
 from pipeline.data import ActivationLoader, background
 from pipeline.data import loader as loader_module
-from pipeline.data.synthetic import write_synthetic_cache
 from pipeline.errors import PipelineError
 
 R, CTX, D, K = 256, 32, 8, 8

@@ -14,8 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
-from pipeline.data.synthetic import write_synthetic_cache
 from pipeline.errors import PipelineError
 from pipeline.features.run import parse_latents
 from pipeline.sae import SAEConfig, build_sae

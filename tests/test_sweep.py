@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
-from pipeline.data.synthetic import write_synthetic_cache
 from pipeline.errors import PipelineError
 from pipeline.train.config import TrainConfig
 from pipeline.train.sweep import read_grid, sweep

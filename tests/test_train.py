@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cache_schema.files import file_sha256
+from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
-from pipeline.data.synthetic import write_synthetic_cache
 from pipeline.errors import PipelineError
 from pipeline.sae import SAEConfig, build_sae
 from pipeline.train import checkpoint as ckpt

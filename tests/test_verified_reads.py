@@ -16,9 +16,9 @@ import torch
 from typer.testing import CliRunner
 
 from cache_schema import TOKENS, activation_array, chunk_file, hook_name, verify
+from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
 from pipeline.data import ActivationLoader, background
-from pipeline.data.synthetic import write_synthetic_cache
 from pipeline.errors import PipelineError
 
 R, CTX, D, K = 256, 32, 16, 4

@@ -21,8 +21,8 @@ from cache_schema import (
     write_manifest,
 )
 from cache_schema.files import file_sha256
+from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
-from pipeline.data.synthetic import write_synthetic_cache
 
 R, D, K = 256, 16, 4
 HOOK = hook_name(0)

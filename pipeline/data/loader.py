@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cache_schema import Manifest, activation_array, hook_name, open_cache, read_chunk_record
+from cache_schema.dtypes import read_dtype
 from pipeline.data.background import STAGING_SLOTS, BatchPipeline, gather
 from pipeline.data.reader import ChunkReader
 from pipeline.data.shuffle import RowPlan, valid_rows
@@ -27,7 +28,6 @@ from pipeline.remote import local_cache
 
 STREAMS = ("clean", "masked", "mix")
 DEVICE_SLOTS = 3
-_TORCH_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.int16}
 
 
 def default_read_threads() -> int:
@@ -101,7 +101,7 @@ class ActivationLoader:
                                 "use keep_special or fewer holdout chunks")
         self.step = start_step
         self.pin = should_pin(self.device, pin)
-        self._dtype = _TORCH_STORAGE[m.storage_dtype]
+        self._dtype = getattr(torch, read_dtype(m.storage_dtype))
         self._pipe = BatchPipeline(self.reader, self.plan, self.plan.locate(start_step * batch_size),
                                    self.hook, stream, mix_fraction, self._special, batch_size,
                                    self._dtype, self.pin, n_threads)

@@ -7,23 +7,19 @@ import shutil
 from pathlib import Path
 
 from cache_schema import (
-    STATUS_COMPLETE,
     CacheError,
     Manifest,
-    aggregate_norm_stats,
     array_specs,
     chunk_file,
     list_done_chunks,
-    read_chunk_record,
     read_manifest,
-    records_digest,
     write_manifest,
 )
 from cache_schema.clear import remove_cache, remove_own_leftovers
 from cache_schema.lock import LOCK_NAME, WriterLock
 from cache_schema.store import record_path
+from cache_schema.write import open_arrays
 from pipeline.errors import PipelineError
-from pipeline.extract.writer import open_arrays
 
 
 def _check_folder(out: Path) -> None:
@@ -112,19 +108,3 @@ def uploader(out: Path, m: Manifest, remote):
         remote.push([chunk_file(out, name, len(shape), k) for name, (shape, _) in specs.items()]
                     + [record_path(out, k)])
     return upload
-
-
-def finalize(out: Path, m: Manifest) -> Manifest:
-    """Mark the cache complete once every chunk has a record: aggregate stats, pin the records."""
-    done = list_done_chunks(out)
-    current = read_manifest(out)
-    if current.status == STATUS_COMPLETE:
-        return current
-    if len(done) < m.n_chunks:
-        return current
-    records = [read_chunk_record(out, k) for k in range(m.n_chunks)]
-    m.norm_stats = aggregate_norm_stats(records)
-    m.chunks_digest = records_digest(out, m)
-    m.status = STATUS_COMPLETE
-    write_manifest(out, m)
-    return m

@@ -23,6 +23,8 @@ from cache_schema import (
     list_done_chunks,
     read_manifest,
 )
+from cache_schema.dtypes import read_dtype, storage_dtype
+from cache_schema.write import finalize
 from pipeline import models
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
@@ -30,11 +32,9 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.extract.corpus import pack_sequences
 from pipeline.extract.distributed import Workers, workers
 from pipeline.extract.masking import choose_mask_token, mask_sequences
-from pipeline.extract.output import finalize, lock_output, prepare_output, prepare_remote, uploader
+from pipeline.extract.output import lock_output, prepare_output, prepare_remote, uploader
 from pipeline.extract.writer import ChunkWriter, check_finite
 from pipeline.remote import is_remote, mirror
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def plan(cfg: ExtractConfig) -> tuple[Manifest, np.ndarray, models.ModelSource, object]:
@@ -95,10 +95,8 @@ def _sha256(a: np.ndarray) -> str:
 
 
 def _to_numpy(h: torch.Tensor, dtype: str) -> np.ndarray:
-    h = h.to(_TORCH_DTYPES[dtype]).cpu()
-    if dtype == "bfloat16":
-        return h.view(torch.int16).numpy().view(np.uint16)
-    return h.numpy()
+    h = h.to(getattr(torch, dtype)).cpu()
+    return h.view(getattr(torch, read_dtype(dtype))).numpy().view(storage_dtype(dtype))
 
 
 def extract(cfg: ExtractConfig, progress: bool = True) -> Manifest:
@@ -151,7 +149,7 @@ def _extract_locked(cfg, m: Manifest, seqs, src, out: Path, team: Workers, remot
 def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progress: bool,
                 team: Workers, remote=None) -> None:
     device = team.device(resolve_device(cfg.device))
-    base = models.load_truncated(src, max(m.layers) + 1, _TORCH_DTYPES[m.compute_dtype], device,
+    base = models.load_truncated(src, max(m.layers) + 1, getattr(torch, m.compute_dtype), device,
                                  cfg.device_map, cfg.trust_remote_code)
     blocks = models.decoder_layers(base)
     captured: dict[int, torch.Tensor] = {}

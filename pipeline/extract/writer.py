@@ -7,42 +7,10 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
 
-from cache_schema import (
-    Manifest,
-    array_specs,
-    chunk_checksums,
-    write_chunk_record,
-)
+from cache_schema import Manifest
+from cache_schema.write import open_arrays, write_chunk
 from pipeline.errors import PipelineError
-
-
-def _compressors(codec: str, dtype: np.dtype):
-    if codec == "zstd":
-        return [ZstdCodec(level=3)]
-    if codec == "blosc-lz4":
-        return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=dtype.itemsize)]
-    return None
-
-
-def open_arrays(root: str | Path, m: Manifest) -> dict[str, zarr.Array]:
-    """Open every array of the cache, creating the ones whose metadata is not written yet."""
-    group = zarr.open_group(str(root), mode="r+")
-    arrays = {}
-    for name, (shape, dtype) in array_specs(m).items():
-        if Path(root, name, "zarr.json").is_file():
-            arrays[name] = group[name]
-            continue
-        is_act = len(shape) == 2
-        arrays[name] = group.create_array(
-            name, shape=shape, dtype=dtype, chunks=(m.rows_per_chunk, *shape[1:]),
-            compressors=_compressors(m.codec, dtype) if is_act else None,
-            fill_value=0, config={"write_empty_chunks": True},
-        )
-    return arrays
-
 
 _FLOAT16_MAX = 65504.0
 
@@ -103,12 +71,7 @@ class ChunkWriter:
                 continue  # drain so that submit() never blocks forever
             try:
                 k, data, stats = item
-                lo = k * self.m.rows_per_chunk
-                for name, values in data.items():
-                    self.arrays[name][lo: lo + len(values)] = values
-                record = {"chunk": k, "checksums": chunk_checksums(self.root, self.m, k, sync=True),
-                          "stats": stats}
-                write_chunk_record(self.root, k, record)
+                write_chunk(self.root, self.m, self.arrays, k, data, stats)
                 if self.on_chunk is not None:
                     self.on_chunk(k)
             except BaseException as e:  # surfaced on the next submit/close

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from cache_schema import TOKENS, Manifest, activation_array, chunk_file, hook_name, open_cache
+from cache_schema.dtypes import read_dtype
 from pipeline import models
 from pipeline.data.reader import ChunkReader
 from pipeline.devices import resolve_device
@@ -175,8 +176,7 @@ def features(sae_dir: str | Path, cache: str | None = None, latents: str | None 
 
     reader = ChunkReader(root, m)
     bf16 = m.storage_dtype == "bfloat16"
-    np_dtype = np.dtype(np.int16) if bf16 else np.dtype({"float32": "<f4", "float16": "<f2"}[
-        m.storage_dtype])
+    np_dtype = np.dtype(read_dtype(m.storage_dtype))
     total = m.rows_per_chunk * len(chunks) if tokens is None else min(
         tokens, m.rows_per_chunk * len(chunks))
     block = block_rows(m.context_length, m.rows_per_chunk, len(chosen))

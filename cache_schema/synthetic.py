@@ -1,6 +1,6 @@
 """A small, valid, complete cache of random activations, for tests and benchmarks: real manifest,
-chunk records, checksums and norm statistics, written through the extract writer, so that
-cache_schema.verify passes. Row r of layer L has activation[:, 0] = r + L/4 in both streams (so
+chunk records, checksums and norm statistics, written through cache_schema's own writer, so
+that cache_schema.verify passes. Row r of layer L has activation[:, 0] = r + L/4 in both streams (so
 tests can see which rows a batch holds; the masked stream is the clean one plus noise in the
 other columns); BOS rows (position 0 of each sequence) have ~100x the norm of the rest, as in
 real models."""
@@ -11,28 +11,20 @@ from pathlib import Path
 
 import numpy as np
 
-from cache_schema import (
+from cache_schema.dtypes import decode, encode
+from cache_schema.manifest import Manifest, hook_name
+from cache_schema.store import (
     IS_MASKED,
     MASKED_TOKENS,
     SEQ,
     TOKENS,
-    Manifest,
     activation_array,
     chunk_stats,
-    hook_name,
-    storage_dtype,
     write_manifest,
 )
-from pipeline.extract.run import finalize
-from pipeline.extract.writer import ChunkWriter
+from cache_schema.write import finalize, open_arrays, write_chunk
 
 BOS, VOCAB = 1, 1000
-
-
-def _store(x: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
-    return x.astype(storage_dtype(dtype))
 
 
 def write_synthetic_cache(root: str | Path, n_chunks: int = 8, rows_per_chunk: int = 1024,
@@ -53,7 +45,7 @@ def write_synthetic_cache(root: str | Path, n_chunks: int = 8, rows_per_chunk: i
         mask_token_id=2, mask_seed=seed, bos_token_id=BOS, special_token_ids=[0, BOS, 2],
         tokenizer_hash="synthetic", corpus_source="synthetic", corpus_fingerprint=f"seed-{seed}")
     write_manifest(root, m)
-    writer = ChunkWriter(root, m)
+    arrays = open_arrays(root, m)
     rng = np.random.default_rng(seed)
     R = rows_per_chunk
     for k in range(n_chunks):
@@ -77,15 +69,9 @@ def write_synthetic_cache(root: str | Path, n_chunks: int = 8, rows_per_chunk: i
             h = hook_name(layer)
             norms[h] = {}
             for stream, x in (("clean", clean), ("masked", masked)):
-                stored = _store(x, storage_dtype)
+                stored = encode(x, storage_dtype)
                 data[activation_array(stream, h)] = stored
-                norms[h][stream] = np.linalg.norm(_load(stored, storage_dtype), axis=1)
-        writer.submit(k, data, chunk_stats(norms, np.isin(tokens, m.special_token_ids)))
-    writer.close()
+                norms[h][stream] = np.linalg.norm(decode(stored, storage_dtype), axis=1)
+        write_chunk(root, m, arrays, k, data, chunk_stats(norms, np.isin(tokens, m.special_token_ids)))
     return finalize(root, m)
 
-
-def _load(stored: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return (stored.astype(np.uint32) << 16).view(np.float32)
-    return stored.astype(np.float32)
