@@ -6,10 +6,11 @@ import shutil
 from pathlib import Path
 
 from cache_schema.lock import LOCK_NAME
+from cache_schema.manifest import STREAMS
 from cache_schema.store import LEFTOVER_SUFFIXES, RECORDS_DIR, TOKEN_ARRAYS
 
 # Top-level entries a cache owns (SPEC.md §1); the lock stays, its holder is the one clearing.
-OWN_ENTRIES = ("zarr.json", *TOKEN_ARRAYS, "clean", "masked", RECORDS_DIR)
+OWN_ENTRIES = ("zarr.json", *TOKEN_ARRAYS, *STREAMS, RECORDS_DIR)
 
 
 def own_entries(root: str | Path) -> list[Path]:

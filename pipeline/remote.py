@@ -18,7 +18,16 @@ import shutil
 import threading
 from pathlib import Path
 
-from cache_schema import CacheError, Manifest, read_chunk_record, read_manifest
+from cache_schema import (
+    CacheError,
+    Manifest,
+    array_specs,
+    chunk_file,
+    list_done_chunks,
+    read_chunk_record,
+    read_manifest,
+    verify,
+)
 from cache_schema.clear import OWN_ENTRIES
 from cache_schema.files import file_sha256
 from pipeline.errors import PipelineError
@@ -45,7 +54,7 @@ class Mirror:
     there), `root` for the cache id the bucket holds (None until known)."""
 
     def __init__(self, url: str):
-        import fsspec
+        import fsspec  # the s3 extra: only remote caches need it
 
         self.url = url.rstrip("/")
         try:
@@ -186,8 +195,6 @@ def fetch_all(root: Path, m: Manifest) -> dict[tuple[int, str], str]:
     """Download every recorded chunk file of a mirrored cache (for verify: the bucket's bytes,
     also where the mirror holds a copy): the refused downloads, by (chunk, array). Chunks
     without a record are left to verify to report."""
-    from cache_schema import array_specs, chunk_file, list_done_chunks
-
     fetch = fetcher(root)
     problems = {}
     for k in list_done_chunks(root):
@@ -202,8 +209,6 @@ def fetch_all(root: Path, m: Manifest) -> dict[tuple[int, str], str]:
 def verify_any(path: str | os.PathLike) -> tuple[Manifest, list[str]]:
     """`cache_schema.verify` of a local cache, or of a remote one through its mirror (every
     chunk file downloaded and checked first; a refused download is that chunk's problem)."""
-    from cache_schema import read_manifest, verify
-
     root = local_cache(path)
     refused = fetch_all(root, read_manifest(root)) if is_remote(path) else {}
     m, problems = verify(root)

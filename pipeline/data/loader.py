@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache_schema import STREAMS as CACHE_STREAMS
 from cache_schema import Manifest, activation_array, hook_name, open_cache, read_chunk_record
 from cache_schema.dtypes import read_dtype
 from pipeline.data.background import STAGING_SLOTS, BatchPipeline, gather
@@ -26,7 +27,8 @@ from pipeline.data.shuffle import RowPlan, valid_rows
 from pipeline.errors import PipelineError
 from pipeline.remote import local_cache
 
-STREAMS = ("clean", "masked", "mix")
+# what the loader serves: one of the cache's streams, or both mixed
+STREAMS = (*CACHE_STREAMS, "mix")
 DEVICE_SLOTS = 3
 
 

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from pipeline.models import decoder_layers
+
 LETTERS = string.ascii_uppercase
 
 
@@ -239,8 +241,6 @@ def build_prompts(tok, words: list[tuple[int, str]], cfg: AbsorptionConfig):
 def word_activations(base, layer: int, ids: torch.Tensor, pos: int, batch_size: int = 32,
                      progress=None) -> torch.Tensor:
     """Residual stream after block `layer` at position `pos` of every prompt."""
-    from pipeline.models import decoder_layers
-
     captured = {}
 
     def hook(_m, _i, output):

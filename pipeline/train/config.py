@@ -8,11 +8,11 @@ import math
 import typing
 from dataclasses import dataclass
 
+from pipeline.data.loader import STREAMS
 from pipeline.errors import PipelineError
 from pipeline.sae import REGISTRY, SAEConfig
 
 _SAE = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
-STREAMS = ("clean", "masked", "mix")
 CUDA_GRAPH = ("auto", "on", "off")
 
 

@@ -69,7 +69,7 @@ def plot_training(run_dir: Path, window: int = 500) -> Path | None:
     rows = read_metrics(run_dir)
     if not rows:
         return None
-    import matplotlib
+    import matplotlib  # slow to import, and only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

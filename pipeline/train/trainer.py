@@ -16,10 +16,10 @@ from cache_schema import open_cache
 from pipeline.data import ActivationLoader
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.eval.recon import reconstruction_metrics
 from pipeline.remote import local_cache
 from pipeline.sae import SAE, build_sae
 from pipeline.sae.io import save_saelens
+from pipeline.sae.recon import reconstruction_metrics
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import TrainConfig
 from pipeline.train.metrics import MetricsLog, plot_training
