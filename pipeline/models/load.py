@@ -15,14 +15,19 @@ from pipeline.models.source import DEFAULT_NAME, ModelSource, resolve_model
 # transformers is imported inside the functions, as in source.py: slow to import, not always needed.
 
 
-def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+def _from_pretrained(auto_class: str, src: ModelSource, what: str, trust_remote_code: bool):
+    """`transformers.<auto_class>.from_pretrained` of the model; a failure names `what`."""
+    import transformers
 
     try:
-        return AutoTokenizer.from_pretrained(src.path, revision=src.revision,
-                                             trust_remote_code=trust_remote_code)
+        return getattr(transformers, auto_class).from_pretrained(
+            src.path, revision=src.revision, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise PipelineError(f"could not load the tokenizer of {src.name}: {e}") from e
+        raise PipelineError(f"could not load {what} of {src.name}: {e}") from e
+
+
+def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
+    return _from_pretrained("AutoTokenizer", src, "the tokenizer", trust_remote_code)
 
 
 def tokenizer_hash(tok) -> str:
@@ -34,13 +39,7 @@ def tokenizer_hash(tok) -> str:
 
 
 def load_config(src: ModelSource, trust_remote_code: bool = False):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(src.path, revision=src.revision,
-                                          trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise PipelineError(f"could not load the model config of {src.name}: {e}") from e
+    return _from_pretrained("AutoConfig", src, "the model config", trust_remote_code)
 
 
 def load_truncated(src: ModelSource, n_layers: int, dtype: torch.dtype, device: str,
