@@ -78,7 +78,7 @@ def extract(
 @friendly_errors
 def inspect(cache: str = typer.Argument(..., help="Cache folder or URL.")) -> None:
     """Show a cache's manifest, sizes, status and per-layer norm statistics."""
-    from pipeline.inspect import describe
+    from pipeline.describe import describe
     from pipeline.remote import local_cache
 
     typer.echo(describe(local_cache(cache)))
@@ -178,9 +178,11 @@ def _train(cfg) -> None:
 
 def _register_train() -> None:
     from pipeline.options import command_from_dataclass
+    from pipeline.sae.registry import settings
     from pipeline.train.config import TrainConfig
 
-    command = command_from_dataclass(TrainConfig, _train, short={"out": "-o", "layer": "-l"})
+    command = command_from_dataclass(TrainConfig, _train, short={"out": "-o", "layer": "-l"},
+                                     nested={"sae": settings()})
     app.command(name="train")(friendly_errors(command))
 
 
@@ -198,6 +200,7 @@ def _register_sweep() -> None:
     import inspect
 
     from pipeline.options import command_from_dataclass
+    from pipeline.sae.registry import settings
     from pipeline.train.config import TrainConfig
 
     extra = (
@@ -209,7 +212,7 @@ def _register_sweep() -> None:
                                                "(repeat for more).")),
     )
     command = command_from_dataclass(TrainConfig, _sweep, short={"out": "-o", "layer": "-l"},
-                                     extra=extra)
+                                     extra=extra, nested={"sae": settings()})
     app.command(name="sweep")(friendly_errors(command))
 
 

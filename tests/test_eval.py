@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.errors import PipelineError
 from pipeline.eval.run import evaluate
-from pipeline.sae import SAEConfig, build_sae
+from pipeline.sae import build_sae, sae_config
 from pipeline.sae.io import save_saelens
 
 D = 64  # the tiny model's width
@@ -19,7 +19,7 @@ D = 64  # the tiny model's width
 
 def hand_built(folder, layer: int = 1, d_in: int = D, exact: bool = True):
     """exact: z = [relu(x), relu(-x)] and x_hat = x exactly; otherwise x_hat = 0."""
-    sae = build_sae(SAEConfig(arch="relu", d_in=d_in, d_sae=2 * d_in))
+    sae = build_sae(sae_config(arch="relu", d_in=d_in, d_sae=2 * d_in))
     eye = torch.eye(d_in)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], 1))

@@ -35,7 +35,7 @@ from pipeline.extract.writer import ChunkWriter
 from pipeline.features.collect import N_BINS, Histogram, TopExamples
 from pipeline.features.run import features, logit_effects, parse_latents
 from pipeline.features.site import esc, index_page, visible
-from pipeline.sae import SAEConfig, build_sae
+from pipeline.sae import build_sae, sae_config
 from pipeline.sae.io import save_saelens
 
 D, LAYER, N_EX, CTX = 64, 1, 5, 3
@@ -81,7 +81,7 @@ def one_hot_sae(folder: Path, cache: Path, n_marked: int, layer: int = LAYER, d_
                 holdout: int | None = 1) -> Path:
     """Latent i < n_marked reads column i with threshold 0.5 (fires exactly on marked[i]);
     the other latents never fire."""
-    sae = build_sae(SAEConfig(arch="relu", d_in=d_in, d_sae=D_SAE))
+    sae = build_sae(sae_config(arch="relu", d_in=d_in, d_sae=D_SAE))
     torch.manual_seed(1)
     with torch.no_grad():
         sae.W_enc.zero_()
