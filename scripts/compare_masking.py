@@ -83,7 +83,7 @@ def main() -> None:
     for stream in ("clean", "masked"):
         run = args.out / f"sae_{stream}"
         if not (run / "summary.json").is_file():
-            train(TrainConfig(cache=str(cache), out=str(run), layer=args.layer, stream=stream,
+            train(TrainConfig.from_flat(cache=str(cache), out=str(run), layer=args.layer, stream=stream,
                               arch=args.arch, expansion=args.expansion,
                               batch_size=args.batch_size, tokens=args.train_tokens, lr=args.lr,
                               l1=args.l1, mask_every=50, log_every=16, checkpoint_every=128,
