@@ -61,6 +61,7 @@ def settings(model, corpus, out) -> dict:
 
 
 def test_extract_to_s3_then_train_and_eval_from_it(bucket, tiny_model, corpus, tmp_path):
+    from pipeline.eval.config import EvalConfig
     from pipeline.eval.run import evaluate
     from pipeline.extract.config import ExtractConfig
     from pipeline.extract.run import extract
@@ -88,7 +89,7 @@ def test_extract_to_s3_then_train_and_eval_from_it(bucket, tiny_model, corpus, t
     train(TrainConfig.from_flat(cache=str(tmp_path / "local"), out=str(tmp_path / "from-local"), **common))
     assert (tmp_path / "from-s3" / "sae_weights.safetensors").read_bytes() == \
         (tmp_path / "from-local" / "sae_weights.safetensors").read_bytes()
-    result = evaluate(tmp_path / "from-s3", ce_sequences=0, device="cpu", progress=False)
+    result = evaluate(EvalConfig(tmp_path / "from-s3", ce_sequences=0, device="cpu", progress=False))
     assert result["cache_id"] == local.cache_id and result["tokens"] > 0
 
 
