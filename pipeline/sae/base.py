@@ -144,10 +144,6 @@ class SAE(nn.Module):
     def update_stats(self, z: torch.Tensor) -> None:
         """In-step statistics from the latents (no grad, in place)."""
 
-    def latent_means(self, means: torch.Tensor) -> None:
-        """In-step statistics from each latent's batch mean of |z|, which the dense ReLU step
-        (pipeline.sae.dense) passes instead of z (masked: the EMA)."""
-
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))

@@ -53,5 +53,9 @@ class ReluSAE(SAE):
             self.latent_means(colsum / len(x))
         return sum(parts.values()), parts, x_hat, z
 
+    def latent_means(self, means: torch.Tensor) -> None:
+        """In-step statistics from each latent's batch mean of |z|, which the dense ReLU step
+        (pipeline.sae.dense) passes instead of z (masked: the EMA)."""
+
     def l0(self, code: torch.Tensor) -> torch.Tensor:
         return self.counts.sum() / len(code)  # counted in the forward: no pass over z here
