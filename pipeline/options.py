@@ -26,18 +26,37 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _option(name: str, hint, default, doc: str, short: dict[str, str],
+            flags: dict[str, str]) -> inspect.Parameter:
+    flag = flags.get(name, name).replace("_", "-")
+    names = [f"--{flag}/--no-{flag}" if hint is bool else f"--{flag}"]
+    names += [short[name]] if name in short else []
+    option = typer.Option(default, *names, help=doc, show_default=True)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                             annotation=hint)
+
+
 def command_from_dataclass(cls: type, run: Callable, skip: tuple[str, ...] = (),
                            short: dict[str, str] | None = None,
-                           extra: tuple[inspect.Parameter, ...] = ()) -> Callable:
+                           extra: tuple[inspect.Parameter, ...] = (),
+                           nested: dict[str, list] | None = None,
+                           arguments: tuple[str, ...] = (),
+                           flags: dict[str, str] | None = None) -> Callable:
     """A function whose keyword parameters are typer options for every field of `cls` (plus
     `extra` ones); calling it builds `cls(**options)` and calls run(config, **extra_values).
-    Fields without a default become required."""
+    Fields without a default become required; fields in `arguments` are positional; `flags`
+    renames a field's flag (layers: --layer). A field named in `nested` is a dict shown as flat
+    options, one per entry (objects with name, hint, default and doc), in the field's place."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    short = short or {}
+    short, flags, nested = short or {}, flags or {}, nested or {}
     params = []
     for f in dataclasses.fields(cls):
         if f.name in skip:
+            continue
+        if f.name in nested:
+            params += [_option(s.name, s.hint, s.default, s.doc, short, flags)
+                       for s in nested[f.name]]
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default
@@ -45,17 +64,20 @@ def command_from_dataclass(cls: type, run: Callable, skip: tuple[str, ...] = (),
             default = f.default_factory()
         else:
             default = ...
-        flag = f.name.replace("_", "-")
-        names = [f"--{flag}/--no-{flag}" if hints[f.name] is bool else f"--{flag}"]
-        names += [short[f.name]] if f.name in short else []
-        option = typer.Option(default, *names, help=docs.get(f.name, ""), show_default=True)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=hints[f.name]))
+        if f.name in arguments:
+            params.append(inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                default=typer.Argument(default, help=docs.get(f.name, ""))))
+        else:
+            params.append(_option(f.name, hints[f.name], default, docs.get(f.name, ""), short,
+                                  flags))
 
     names = {p.name for p in extra}
 
     def command(**kwargs):
         extras = {k: kwargs.pop(k) for k in names}
+        for field, entries in nested.items():
+            kwargs[field] = {s.name: kwargs.pop(s.name) for s in entries}
         return run(cls(**kwargs), **extras)
 
     command.__signature__ = inspect.Signature(params + list(extra))

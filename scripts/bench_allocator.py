@@ -22,12 +22,12 @@ def child(arch: str, d_sae: int, steps: int) -> dict:
 
     import torch
 
-    from pipeline.sae import SAEConfig, build_sae
+    from pipeline.sae import build_sae, sae_config
     from pipeline.train.step import TrainStep
 
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(4096, 576, generator=gen) for _ in range(4)]
-    sae = build_sae(SAEConfig(arch=arch, d_in=576, d_sae=d_sae, k=32),
+    sae = build_sae(sae_config(arch=arch, d_in=576, d_sae=d_sae, k=32),
                     generator=torch.Generator().manual_seed(0))
     step = TrainStep(sae, 4096, 576, 1.0, 10**6, 2e-4)
     for i in range(3):

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from pipeline.sae import SAEConfig, build_sae, native
+from pipeline.sae import build_sae, native, sae_config
 from pipeline.sae.sparse import _per_batch, entry_dots, outer_sum, row_topk
 from pipeline.train.memory import keep_freed_memory
 from pipeline.train.step import TrainStep
@@ -82,7 +82,7 @@ def step_ab(d_sae: int, rounds: int) -> dict:
     """Median ms of the topk step with the kernels and without, one step of each in turn."""
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(BATCH, D_IN, generator=gen) for _ in range(4)]
-    sae = build_sae(SAEConfig(arch="topk", d_in=D_IN, d_sae=d_sae, k=K),
+    sae = build_sae(sae_config(arch="topk", d_in=D_IN, d_sae=d_sae, k=K),
                     generator=torch.Generator().manual_seed(0))
     step = TrainStep(sae, BATCH, D_IN, 1.0, 10**6, 2e-4)
     times: dict[str, list[float]] = {"1": [], "0": []}

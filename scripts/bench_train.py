@@ -31,7 +31,7 @@ from torch import nn
 
 from cache_schema.synthetic import write_synthetic_cache
 from pipeline.data import ActivationLoader
-from pipeline.sae import SAEConfig, build_sae
+from pipeline.sae import build_sae, sae_config
 from pipeline.train.memory import keep_freed_memory
 from pipeline.train.step import TrainStep
 
@@ -59,7 +59,7 @@ def time_steps(fn, steps: int, device: torch.device, warmup: int = 3) -> float:
 
 def our_step(d_in: int, d_sae: int, batch: int, device: torch.device, graph: bool,
              arch: str = "masked") -> TrainStep:
-    sae = build_sae(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae),
+    sae = build_sae(sae_config(arch=arch, d_in=d_in, d_sae=d_sae),
                     generator=torch.Generator().manual_seed(0)).to(device)
     return TrainStep(sae, batch, d_in, 1.0, total_steps=10**6, lr=2e-4, lr_warmup_steps=10,
                      use_graph=graph)
@@ -188,7 +188,7 @@ def shape_section(d_sae: int, steps: int, device: torch.device, graph: bool,
         runs.append(("topk_dense", "topk", False))
     for name, arch, sparse in runs:
         log(f"  ours {name}")
-        sae = build_sae(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=k, sparse=sparse),
+        sae = build_sae(sae_config(arch=arch, d_in=d_in, d_sae=d_sae, k=k, sparse=sparse),
                         generator=torch.Generator().manual_seed(0)).to(device)
         step = TrainStep(sae, batch, d_in, 1.0, 10**6, 2e-4, use_graph=graph)
         it = iter(range(10**9))

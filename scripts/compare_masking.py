@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.eval.config import EvalConfig
 from pipeline.eval.run import evaluate
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.run import extract
@@ -83,14 +84,14 @@ def main() -> None:
     for stream in ("clean", "masked"):
         run = args.out / f"sae_{stream}"
         if not (run / "summary.json").is_file():
-            train(TrainConfig(cache=str(cache), out=str(run), layer=args.layer, stream=stream,
+            train(TrainConfig.from_flat(cache=str(cache), out=str(run), layer=args.layer, stream=stream,
                               arch=args.arch, expansion=args.expansion,
                               batch_size=args.batch_size, tokens=args.train_tokens, lr=args.lr,
                               l1=args.l1, mask_every=50, log_every=16, checkpoint_every=128,
                               holdout_chunks=1, resume=(run / "train_config.json").is_file()))
-        results[stream] = evaluate(run, ce_sequences=args.ce_sequences, stream="clean",
+        results[stream] = evaluate(EvalConfig(run, ce_sequences=args.ce_sequences, stream="clean",
                                    model=None if args.model == "default" else args.model,
-                                   absorption=True, absorption_every=args.absorption_every)
+                                   absorption=True, absorption_every=args.absorption_every))
     md = table(results)
     (args.out / "compare.md").write_text(md + "\n")
     (args.out / "compare.json").write_text(json.dumps(

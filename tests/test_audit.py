@@ -22,7 +22,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
     write_synthetic_cache(root / "cache", n_chunks=4, rows_per_chunk=256, d_model=16,
                           context_length=32, index_column=False)
-    train(TrainConfig(cache=str(root / "cache"), out=str(root / "run"), arch="masked",
+    train(TrainConfig.from_flat(cache=str(root / "cache"), out=str(root / "run"), arch="masked",
                       expansion=4, batch_size=64, steps=80, log_every=10, checkpoint_every=40,
                       device="cpu", progress=False))
     return root / "run"

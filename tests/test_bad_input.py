@@ -231,7 +231,7 @@ def other_model_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained_run(syn_cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bad_input") / "run"
-    train(TrainConfig(cache=str(syn_cache), out=str(out), expansion=2, batch_size=64, steps=10,
+    train(TrainConfig.from_flat(cache=str(syn_cache), out=str(out), expansion=2, batch_size=64, steps=10,
                       log_every=5, checkpoint_every=10, holdout_chunks=1, device="cpu",
                       progress=False))
     return out

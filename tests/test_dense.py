@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.sae import SAEConfig, build_sae
+from pipeline.sae import build_sae, sae_config
 from pipeline.sae.base import SAE
 from pipeline.sae.sparse import mean_l0
 from pipeline.train.step import TrainStep
@@ -16,7 +16,7 @@ ARCHS = ("relu", "masked")
 
 
 def make(arch: str, **kw):
-    sae = build_sae(SAEConfig(arch=arch, d_in=32, d_sae=128, l1=0.05, mask_every=2,
+    sae = build_sae(sae_config(arch=arch, d_in=32, d_sae=128, l1=0.05, mask_every=2,
                               mask_eps=0.1, mask_momentum=0.5, absorption=0.1, dead_tokens=200, **kw),
                     generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import PipelineError
+from pipeline.eval.config import EvalConfig
 from pipeline.eval.run import evaluate
-from pipeline.sae import SAEConfig, build_sae
+from pipeline.sae import build_sae, sae_config
 from pipeline.sae.io import save_saelens
 
 D = 64  # the tiny model's width
@@ -19,7 +20,7 @@ D = 64  # the tiny model's width
 
 def hand_built(folder, layer: int = 1, d_in: int = D, exact: bool = True):
     """exact: z = [relu(x), relu(-x)] and x_hat = x exactly; otherwise x_hat = 0."""
-    sae = build_sae(SAEConfig(arch="relu", d_in=d_in, d_sae=2 * d_in))
+    sae = build_sae(sae_config(arch="relu", d_in=d_in, d_sae=2 * d_in))
     eye = torch.eye(d_in)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], 1))
@@ -32,16 +33,16 @@ def hand_built(folder, layer: int = 1, d_in: int = D, exact: bool = True):
 
 
 def test_an_exact_sae_recovers_all_the_loss_and_a_zero_sae_none(tiny_cache, tiny_model, tmp_path):
-    exact = evaluate(hand_built(tmp_path / "exact"), cache=str(tiny_cache), holdout_chunks=1,
-                     ce_sequences=4, model=str(tiny_model), device="cpu", progress=False)
+    exact = evaluate(EvalConfig(hand_built(tmp_path / "exact"), cache=str(tiny_cache), holdout_chunks=1,
+                     ce_sequences=4, model=str(tiny_model), device="cpu", progress=False))
     assert exact["fve"] == pytest.approx(1.0, abs=1e-5) and exact["mse"] < 1e-8
     assert exact["ce_increase"] == pytest.approx(0.0, abs=1e-5)
     assert exact["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert exact["ce_zero_ablation"] > exact["ce_clean"]
     assert exact["tokens"] == 256 - 256 // 32  # one chunk, BOS rows left out
-    zero = evaluate(hand_built(tmp_path / "zero", exact=False), cache=str(tiny_cache),
+    zero = evaluate(EvalConfig(hand_built(tmp_path / "zero", exact=False), cache=str(tiny_cache),
                     holdout_chunks=1, ce_sequences=4, model=str(tiny_model), device="cpu",
-                    progress=False)
+                    progress=False))
     assert zero["ce_sae"] == pytest.approx(zero["ce_zero_ablation"], abs=1e-5)
     assert zero["loss_recovered"] == pytest.approx(0.0, abs=1e-4)
     assert zero["fve"] < 0.01
@@ -50,8 +51,8 @@ def test_an_exact_sae_recovers_all_the_loss_and_a_zero_sae_none(tiny_cache, tiny
 
 
 def test_latent_statistics(tiny_cache, tmp_path):
-    result = evaluate(hand_built(tmp_path / "s"), cache=str(tiny_cache), holdout_chunks=1,
-                      ce_sequences=0, device="cpu", progress=False)
+    result = evaluate(EvalConfig(hand_built(tmp_path / "s"), cache=str(tiny_cache), holdout_chunks=1,
+                      ce_sequences=0, device="cpu", progress=False))
     # every input coordinate is nonzero, so exactly one of relu(x_i), relu(-x_i) fires
     assert result["l0"] == pytest.approx(D)
     assert 0.0 <= result["dead_fraction"] < 1.0 and result["dense_fraction"] > 0.5
@@ -60,14 +61,14 @@ def test_latent_statistics(tiny_cache, tmp_path):
 
 def test_mismatched_sae_and_cache_are_refused(tiny_cache, tiny_model, tmp_path):
     with pytest.raises(PipelineError, match=r"reads blocks\.3\.hook_resid_post.*holds"):
-        evaluate(hand_built(tmp_path / "a", layer=3), cache=str(tiny_cache), ce_sequences=0)
+        evaluate(EvalConfig(hand_built(tmp_path / "a", layer=3), cache=str(tiny_cache), ce_sequences=0))
     with pytest.raises(PipelineError, match=r"d_in is 32.*d_model 64"):
-        evaluate(hand_built(tmp_path / "b", d_in=32), cache=str(tiny_cache), ce_sequences=0)
+        evaluate(EvalConfig(hand_built(tmp_path / "b", d_in=32), cache=str(tiny_cache), ce_sequences=0))
     with pytest.raises(PipelineError, match="pass --cache"):
-        evaluate(hand_built(tmp_path / "c"))
+        evaluate(EvalConfig(hand_built(tmp_path / "c")))
     with pytest.raises(PipelineError, match="pass it with --model"):
-        evaluate(tmp_path / "c", cache=str(tiny_cache), holdout_chunks=1, ce_sequences=2,
-                 device="cpu")
+        evaluate(EvalConfig(tmp_path / "c", cache=str(tiny_cache), holdout_chunks=1, ce_sequences=2,
+                 device="cpu"))
     (tmp_path / "c" / "sae_weights.safetensors").unlink()
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "c"), "--cache", str(tiny_cache)])
     assert result.exit_code == 2 and "sae_weights.safetensors is missing" in result.output
@@ -78,15 +79,15 @@ def test_a_different_model_is_refused(tiny_cache, tmp_path):
 
     other = make_tiny_llama(tmp_path / "other", n_layers=5, d_model=D)
     with pytest.raises(PipelineError, match="not the one that made this cache"):
-        evaluate(hand_built(tmp_path / "e"), cache=str(tiny_cache), holdout_chunks=1,
-                 ce_sequences=2, model=str(other), device="cpu")
+        evaluate(EvalConfig(hand_built(tmp_path / "e"), cache=str(tiny_cache), holdout_chunks=1,
+                 ce_sequences=2, model=str(other), device="cpu"))
 
 
 def test_eval_with_absorption_records_the_word_sample(tiny_cache, tiny_model, tmp_path):
     folder = hand_built(tmp_path / "abs")
-    result = evaluate(folder, cache=str(tiny_cache), holdout_chunks=1, ce_sequences=0,
+    result = evaluate(EvalConfig(folder, cache=str(tiny_cache), holdout_chunks=1, ce_sequences=0,
                       model=str(tiny_model), device="cpu", progress=False, absorption=True,
-                      absorption_every=1)
+                      absorption_every=1))
     absorption = result["absorption"]
     assert {"mean_absorption_fraction", "mean_full_absorption", "letters", "config"} <= set(
         absorption)

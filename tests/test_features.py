@@ -33,9 +33,10 @@ from pipeline.data.reader import ChunkReader
 from pipeline.errors import PipelineError
 from pipeline.extract.writer import ChunkWriter
 from pipeline.features.collect import N_BINS, Histogram, TopExamples
+from pipeline.features.config import FeaturesConfig
 from pipeline.features.run import features, logit_effects, parse_latents
 from pipeline.features.site import esc, index_page, visible
-from pipeline.sae import SAEConfig, build_sae
+from pipeline.sae import build_sae, sae_config
 from pipeline.sae.io import save_saelens
 
 D, LAYER, N_EX, CTX = 64, 1, 5, 3
@@ -81,7 +82,7 @@ def one_hot_sae(folder: Path, cache: Path, n_marked: int, layer: int = LAYER, d_
                 holdout: int | None = 1) -> Path:
     """Latent i < n_marked reads column i with threshold 0.5 (fires exactly on marked[i]);
     the other latents never fire."""
-    sae = build_sae(SAEConfig(arch="relu", d_in=d_in, d_sae=D_SAE))
+    sae = build_sae(sae_config(arch="relu", d_in=d_in, d_sae=D_SAE))
     torch.manual_seed(1)
     with torch.no_grad():
         sae.W_enc.zero_()
@@ -116,8 +117,8 @@ def marked_site(tiny_cache, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("features")
     cache = token_cache(tiny_cache, root / "cache", marked)
     sae_dir = one_hot_sae(root / "sae", cache, len(marked))
-    index = features(sae_dir, latents="0-7", examples=N_EX, context=CTX, model=str(tiny_model),
-                     device="cpu", progress=False)
+    index = features(FeaturesConfig(sae_dir, latents="0-7", examples=N_EX, context=CTX, model=str(tiny_model),
+                     device="cpu", progress=False))
     data = json.loads((index.parent / "features.json").read_text())
     return cache, sae_dir, marked, data, index
 
@@ -242,19 +243,19 @@ def test_parse_latents():
 def test_bad_inputs_are_refused(marked_site, tiny_model, tmp_path):
     cache, sae_dir, _, _, _ = marked_site
     with pytest.raises(PipelineError, match=r"reads blocks\.3\.hook_resid_post.*holds"):
-        features(one_hot_sae(tmp_path / "a", cache, 2, layer=3), progress=False)
+        features(FeaturesConfig(one_hot_sae(tmp_path / "a", cache, 2, layer=3), progress=False))
     with pytest.raises(PipelineError, match=r"d_in is 32.*d_model 64"):
-        features(one_hot_sae(tmp_path / "b", cache, 2, d_in=32), progress=False)
+        features(FeaturesConfig(one_hot_sae(tmp_path / "b", cache, 2, d_in=32), progress=False))
     with pytest.raises(PipelineError, match=r"no held-out chunks.*--holdout-chunks"):
-        features(one_hot_sae(tmp_path / "c", cache, 2, holdout=0), cache=str(cache),
-                 progress=False)
+        features(FeaturesConfig(one_hot_sae(tmp_path / "c", cache, 2, holdout=0), cache=str(cache),
+                 progress=False))
     with pytest.raises(PipelineError, match="latent 16 is out of range"):
-        features(sae_dir, latents="16", model=str(tiny_model), progress=False)
+        features(FeaturesConfig(sae_dir, latents="16", model=str(tiny_model), progress=False))
     no_tokens = tmp_path / "no_tokens"
     shutil.copytree(cache, no_tokens)
     shutil.rmtree(no_tokens / TOKENS)
     with pytest.raises(PipelineError, match="has no token ids"):
-        features(sae_dir, cache=str(no_tokens), model=str(tiny_model), progress=False)
+        features(FeaturesConfig(sae_dir, cache=str(no_tokens), model=str(tiny_model), progress=False))
     result = CliRunner().invoke(app, ["features", str(sae_dir), "--latents", "99",
                                       "--model", str(tiny_model)])
     assert result.exit_code == 2 and "latent 99 is out of range" in result.output

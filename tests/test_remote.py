@@ -61,6 +61,7 @@ def settings(model, corpus, out) -> dict:
 
 
 def test_extract_to_s3_then_train_and_eval_from_it(bucket, tiny_model, corpus, tmp_path):
+    from pipeline.eval.config import EvalConfig
     from pipeline.eval.run import evaluate
     from pipeline.extract.config import ExtractConfig
     from pipeline.extract.run import extract
@@ -84,11 +85,11 @@ def test_extract_to_s3_then_train_and_eval_from_it(bucket, tiny_model, corpus, t
 
     common = {"layer": 1, "steps": 12, "batch_size": 32, "log_every": 4, "checkpoint_every": 4,
               "device": "cpu", "progress": False, "holdout_chunks": 1}
-    train(TrainConfig(cache=url, out=str(tmp_path / "from-s3"), **common))
-    train(TrainConfig(cache=str(tmp_path / "local"), out=str(tmp_path / "from-local"), **common))
+    train(TrainConfig.from_flat(cache=url, out=str(tmp_path / "from-s3"), **common))
+    train(TrainConfig.from_flat(cache=str(tmp_path / "local"), out=str(tmp_path / "from-local"), **common))
     assert (tmp_path / "from-s3" / "sae_weights.safetensors").read_bytes() == \
         (tmp_path / "from-local" / "sae_weights.safetensors").read_bytes()
-    result = evaluate(tmp_path / "from-s3", ce_sequences=0, device="cpu", progress=False)
+    result = evaluate(EvalConfig(tmp_path / "from-s3", ce_sequences=0, device="cpu", progress=False))
     assert result["cache_id"] == local.cache_id and result["tokens"] > 0
 
 
@@ -98,4 +99,4 @@ def test_a_missing_remote_cache_is_a_clear_error(bucket, tmp_path):
     from pipeline.train.trainer import train
 
     with pytest.raises(PipelineError, match="no cache at s3://caches/nothing"):
-        train(TrainConfig(cache=f"{bucket}/nothing", out=str(tmp_path / "r"), device="cpu"))
+        train(TrainConfig.from_flat(cache=f"{bucket}/nothing", out=str(tmp_path / "r"), device="cpu"))

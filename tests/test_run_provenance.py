@@ -18,7 +18,7 @@ from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
 from pipeline.errors import PipelineError
 from pipeline.features.run import parse_latents
-from pipeline.sae import SAEConfig, build_sae
+from pipeline.sae import build_sae, sae_config
 from pipeline.sae.io import save_saelens
 from pipeline.train.config import TrainConfig
 from pipeline.train.trainer import train
@@ -36,7 +36,7 @@ def config(cache: str, out: str, **kw) -> TrainConfig:
     fields = {"cache": cache, "out": out, "expansion": 2, "batch_size": 64, "steps": 10,
               "log_every": 5, "checkpoint_every": 5, "holdout_chunks": 1, "device": "cpu",
               "progress": False}
-    return TrainConfig(**{**fields, **kw})
+    return TrainConfig.from_flat(**{**fields, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_resume_accepts_another_spelling_of_the_same_folders(tmp_path, monkeypat
 
 def test_non_finite_eval_metrics_are_null_with_a_warning(tmp_path):
     cache = synthetic(tmp_path / "cache")
-    sae = build_sae(SAEConfig(arch="relu", d_in=D, d_sae=2 * D))
+    sae = build_sae(sae_config(arch="relu", d_in=D, d_sae=2 * D))
     with torch.no_grad():
         sae.W_dec.fill_(float("nan"))
     folder = tmp_path / "sae"

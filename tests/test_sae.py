@@ -10,19 +10,19 @@ from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
 from pipeline.errors import PipelineError
-from pipeline.sae import REGISTRY, SAEConfig, build_sae
+from pipeline.sae import ARCHITECTURES, build_sae, sae_config
 from pipeline.sae.gated import binary_entropy
 from pipeline.sae.io import load_saelens, save_saelens
 from pipeline.sae.sparse import SparseCode
 
 D, S = 16, 64
-ARCHS = sorted(REGISTRY)
+ARCHS = sorted(ARCHITECTURES)
 ONE = torch.tensor(1.0)
 META = {"hook_name": "blocks.3.hook_resid_post", "model_name": "m", "context_size": 128}
 
 
 def make(arch: str, seed: int = 0, **kw):
-    return build_sae(SAEConfig(arch=arch, d_in=D, d_sae=S, k=4, **kw),
+    return build_sae(sae_config(arch=arch, d_in=D, d_sae=S, k=4, **kw),
                      generator=torch.Generator().manual_seed(seed))
 
 
@@ -304,7 +304,7 @@ def test_l1_scale_scales_the_sparsity_term():
 ])
 def test_config_errors_name_the_setting(kw, message):
     with pytest.raises(ValueError, match=message):
-        SAEConfig(**{"d_in": 4, "d_sae": 8, **kw})
+        sae_config(**{"d_in": 4, "d_sae": 8, **kw})
 
 
 def test_load_and_save_errors_say_what_is_wrong(tmp_path):

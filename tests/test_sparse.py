@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.sae import SAEConfig, build_sae, native
+from pipeline.sae import build_sae, native, sae_config
 from pipeline.sae.sparse import SparseCode, outer_sum, sparse_decode
 
 ARCHS = ("topk", "batchtopk")
 
 
 def make(arch: str, sparse: bool, x: torch.Tensor, device: str = "cpu"):
-    sae = build_sae(SAEConfig(arch=arch, d_in=32, d_sae=128, k=8, aux_k=16, dead_tokens=200,
+    sae = build_sae(sae_config(arch=arch, d_in=32, d_sae=128, k=8, aux_k=16, dead_tokens=200,
                               sparse=sparse), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         sae.b_dec.copy_(x.mean(0))

@@ -28,7 +28,7 @@ def base(cache, out, **kw) -> TrainConfig:
     fields = {"cache": str(cache), "out": str(out), "expansion": 2, "batch_size": 64,
               "steps": 40, "log_every": 10, "checkpoint_every": 20, "device": "cpu",
               "progress": False}
-    return TrainConfig(**{**fields, **kw})
+    return TrainConfig.from_flat(**{**fields, **kw})
 
 
 def test_each_sae_of_a_sweep_equals_its_solo_run(cache, tmp_path):

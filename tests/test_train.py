@@ -19,7 +19,7 @@ from cache_schema.files import file_sha256
 from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
 from pipeline.errors import PipelineError
-from pipeline.sae import SAEConfig, build_sae
+from pipeline.sae import build_sae, sae_config
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import TrainConfig
 from pipeline.train.metrics import read_metrics, rolling_variance
@@ -41,7 +41,7 @@ def config(cache: Path, out: Path, **kw) -> TrainConfig:
     base = {"cache": str(cache), "out": str(out), "layer": 1, "arch": "relu", "expansion": 4,
             "batch_size": 128, "steps": 60, "log_every": 10, "checkpoint_every": 20,
             "lr": 1e-3, "lr_warmup_steps": 5, "device": "cpu", "progress": False}
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.from_flat(**{**base, **kw})
 
 
 def test_train_writes_saelens_folder_metrics_plot_and_audit(cache, tmp_path):
@@ -181,7 +181,7 @@ def test_cli_train_runs_and_prints_the_summary(cache, tmp_path):
 
 def test_static_step_reads_only_its_input_buffer_and_matches_a_plain_step():
     torch.manual_seed(0)
-    cfg = SAEConfig(arch="relu", d_in=16, d_sae=64)
+    cfg = sae_config(arch="relu", d_in=16, d_sae=64)
     a = build_sae(cfg, generator=torch.Generator().manual_seed(1))
     b = build_sae(cfg, generator=torch.Generator().manual_seed(1))
     step = TrainStep(a, 32, 16, scale=2.0, total_steps=10, lr=1e-3, grad_clip=1.0, history=4)
@@ -207,7 +207,7 @@ def test_static_step_reads_only_its_input_buffer_and_matches_a_plain_step():
 
 
 def test_adam_sees_column_major_w_enc_as_a_contiguous_view_and_saves_it_in_its_shape():
-    sae = build_sae(SAEConfig(arch="topk", d_in=8, d_sae=32, k=4),
+    sae = build_sae(sae_config(arch="topk", d_in=8, d_sae=32, k=4),
                     generator=torch.Generator().manual_seed(0))
     assert not sae.W_enc.is_contiguous()  # [d_in, d_sae] over [d_sae, d_in] memory
     step = TrainStep(sae, 16, 8, 1.0, total_steps=10, lr=1e-2)
@@ -229,7 +229,7 @@ def test_adam_sees_column_major_w_enc_as_a_contiguous_view_and_saves_it_in_its_s
 
 
 def test_schedule_warms_up_and_decays():
-    sae = build_sae(SAEConfig(arch="relu", d_in=4, d_sae=8))
+    sae = build_sae(sae_config(arch="relu", d_in=4, d_sae=8))
     step = TrainStep(sae, 2, 4, 1.0, total_steps=100, lr=1.0, lr_warmup_steps=10,
                      lr_decay_fraction=0.2, l1_warmup_steps=20)
     values = {}
@@ -251,7 +251,7 @@ def test_rolling_variance_matches_numpy():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_and_eager_steps_give_the_same_weights():
-    cfg = SAEConfig(arch="masked", d_in=64, d_sae=256)
+    cfg = sae_config(arch="masked", d_in=64, d_sae=256)
     weights = []
     for graph in (False, True):
         sae = build_sae(cfg, generator=torch.Generator().manual_seed(0)).cuda()

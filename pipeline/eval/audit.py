@@ -2,7 +2,7 @@
 
 Checks (METHOD.md): dead latents > 5% of d_sae; the 500-step rolling variance of the
 reconstruction loss up > 5% from its post-convergence baseline (taken at the half-way step);
-l1 coefficient above 1e-3 (l1-trained architectures); min decoder row norm < 0.1; mask density
+l1 coefficient above 1e-3 (architectures trained with l1); min decoder row norm < 0.1; mask density
 > 10% (masked); every file in audit.log still matching its SHA-256 and the weights in
 safetensors; the downstream false-positive-rate change of the first-letter probes when they read
 the SAE's reconstruction (from `pipeline eval --absorption`; skipped without it).
@@ -22,10 +22,10 @@ from pipeline.errors import PipelineError
 from pipeline.eval.provenance import run_config
 from pipeline.eval.run import EVAL_FILE, FREQ_FILE
 from pipeline.sae.io import WEIGHTS
+from pipeline.sae.registry import architecture
 from pipeline.train.checkpoint import AUDIT_LOG, STATE_FILE, list_checkpoints
 from pipeline.train.metrics import per_step_mse, read_metrics, rolling_variance
 
-L1_ARCHS = ("relu", "masked", "gated")
 WINDOW = 500
 FPR_LIMIT = 0.05
 """Our threshold for the checklist's downstream false-positive-rate change (the article gives
@@ -101,7 +101,11 @@ def run_audit(run_dir: str | Path) -> dict:
         if (run_dir / EVAL_FILE).is_file() else None
     dead = evaluation["dead_fraction"] if evaluation else rows[-1]["dead_fraction"]
     var_check, steps, rv, window = loss_variance_check(rows)
-    l1_applies = cfg["arch"] in L1_ARCHS
+    try:
+        kind = architecture(cfg["arch"]).sae
+    except ValueError as e:
+        raise PipelineError(f"{run_dir}/train_config.json: {e}") from None
+    l1_applies = kind.uses_l1
     checks = [
         _check("dead_latents", dead, 0.05, dead > 0.05,
                "fraction of latents that never fired on the held-out tokens (pipeline eval)"
@@ -114,8 +118,8 @@ def run_audit(run_dir: str | Path) -> dict:
                f"over the {norms.numel()} decoder rows of {checkpoints[-1].name} (training "
                "space)"),
         _check("mask_density", rows[-1]["mask_density"], 0.1,
-               rows[-1]["mask_density"] > 0.1 if cfg["arch"] == "masked" else None,
-               "fraction of latents under the dormancy mask" if cfg["arch"] == "masked"
+               rows[-1]["mask_density"] > 0.1 if kind.has_mask else None,
+               "fraction of latents under the dormancy mask" if kind.has_mask
                else "no dormancy mask in this architecture"),
         _check("checkpoint_integrity", len(bad_files), 0, bool(bad_files),
                "; ".join(bad_files) or "weights and checkpoints are safetensors and match the "

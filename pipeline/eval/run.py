@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from cache_schema import STREAMS, Manifest, open_cache
+from cache_schema import Manifest, open_cache
 from pipeline import models
 from pipeline.data import ActivationLoader
 from pipeline.data.reader import ChunkReader
@@ -28,6 +28,7 @@ from pipeline.eval.absorption import (
     first_letter,
     word_activations,
 )
+from pipeline.eval.config import EvalConfig
 from pipeline.eval.provenance import check_cache_source, run_cache, run_config
 from pipeline.eval.splice import spliced_ce
 from pipeline.paths import check_writable
@@ -64,23 +65,6 @@ def holdout_sequences(cache: str, m: Manifest, chunks: list[int], n: int) -> np.
     return np.concatenate(seqs)[:n]
 
 
-def check_eval_args(holdout_chunks: int | None, stream: str, ce_sequences: int,
-                    absorption_every: int) -> None:
-    """The options' ranges, checked before anything is loaded."""
-    problems = []
-    if holdout_chunks is not None and holdout_chunks < 1:
-        problems.append(f"--holdout-chunks must be at least 1, got {holdout_chunks}")
-    if stream not in STREAMS:
-        problems.append(f"--stream must be clean or masked, got {stream!r}")
-    if ce_sequences < 0:
-        problems.append(f"--ce-sequences must be at least 0 (0 skips the cross-entropy), got "
-                        f"{ce_sequences}")
-    if absorption_every < 1:
-        problems.append(f"--absorption-every must be at least 1, got {absorption_every}")
-    if problems:
-        raise PipelineError("; ".join(problems) + ".")
-
-
 def finite_or_null(result: dict) -> dict:
     """The result with every non-finite number as None (JSON null: NaN is not JSON), warning on
     stderr with the names of those metrics."""
@@ -102,46 +86,43 @@ def finite_or_null(result: dict) -> dict:
     return out
 
 
-def evaluate(sae_dir: str | Path, cache: str | None = None, holdout_chunks: int | None = None,
-             stream: str = "clean", ce_sequences: int = 16, model: str | None = None,
-             device: str = "auto", progress: bool = True, absorption: bool = False,
-             absorption_every: int = 8) -> dict:
+def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate a saved SAE; writes eval.json (and latent frequencies) into its folder."""
-    sae_dir = Path(sae_dir)
-    check_eval_args(holdout_chunks, stream, ce_sequences, absorption_every)
-    check_writable(sae_dir, (EVAL_FILE, FREQ_FILE) + ((WORDS_FILE,) if absorption else ()),
+    sae_dir = cfg.sae_dir
+    check_writable(sae_dir, (EVAL_FILE, FREQ_FILE) + ((WORDS_FILE,) if cfg.absorption else ()),
                    flag="SAE_DIR")
     sae = load_saelens(sae_dir)
     run = run_config(sae_dir)
-    cache = run_cache(sae_dir, run, cache)
+    cache = run_cache(sae_dir, run, cfg.cache)
     root = local_cache(cache)
     m = open_cache(root)
     layer = check_sae_fits_cache(sae.cfg, m, cache)
     check_cache_source(sae_dir, run, sae.cfg, m, cache)
+    holdout_chunks = cfg.holdout_chunks
     if holdout_chunks is None:
         holdout_chunks = run.get("holdout_chunks") or 1
         if not run.get("holdout_chunks"):
             print(f"warning: {sae_dir} was trained without held-out chunks; evaluating on the "
                   "cache's last chunk, which it may have seen", file=sys.stderr)
-    dev = resolve_device(device)
-    with ActivationLoader(cache, layer, stream=stream, holdout_chunks=holdout_chunks,
+    dev = resolve_device(cfg.device)
+    with ActivationLoader(cache, layer, stream=cfg.stream, holdout_chunks=holdout_chunks,
                           device=dev) as loader:
         chunks = loader.holdout_chunk_ids
         metrics, freq = reconstruction_metrics(sae.to(dev), loader.holdout())
     result = {"sae": str(sae_dir), "cache": str(cache), "cache_id": m.cache_id,
-              "hook": sae.cfg["metadata"]["hook_name"], "stream": stream,
+              "hook": sae.cfg["metadata"]["hook_name"], "stream": cfg.stream,
               "holdout_chunks": chunks, **metrics}
-    if ce_sequences > 0:
-        tokens = holdout_sequences(root, m, chunks, ce_sequences)
-        lm = models.load_model_of(m, model, dev)
-        bar = tqdm(total=len(tokens), unit="seq", desc="spliced CE", disable=not progress,
+    if cfg.ce_sequences > 0:
+        tokens = holdout_sequences(root, m, chunks, cfg.ce_sequences)
+        lm = models.load_model_of(m, cfg.model, dev)
+        bar = tqdm(total=len(tokens), unit="seq", desc="spliced CE", disable=not cfg.progress,
                    file=sys.stderr)
         result.update(spliced_ce(lm, layer, sae, tokens, m.special_token_ids,
                                  progress=bar.update))
         bar.close()
-    if absorption:
-        result["absorption"] = run_absorption(sae, m, layer, model, dev, absorption_every,
-                                              sae_dir, progress)
+    if cfg.absorption:
+        result["absorption"] = run_absorption(sae, m, layer, cfg.model, dev,
+                                              cfg.absorption_every, sae_dir, cfg.progress)
     result = finite_or_null(result)
     (sae_dir / EVAL_FILE).write_text(json.dumps(result, indent=1, allow_nan=False))
     save_file({"freq": freq.cpu()}, str(sae_dir / FREQ_FILE))

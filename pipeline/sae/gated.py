@@ -5,15 +5,35 @@ is a standard one (not SAELens's `gated` architecture, which is a different meth
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from pipeline.sae.base import SAE
+from pipeline.sae.relu import L1Config
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
     p = p.clamp(1e-6, 1 - 1e-6)
     return -(p * p.log() + (1 - p) * (1 - p).log())
+
+
+@dataclass
+class GatedConfig(L1Config):
+    gate_reg: float = 1e-4
+    """gated: coefficient of the mean binary entropy of the gates."""
+    gate_init: float = field(default=2.0, metadata={"flag": False})
+    """Initial gate logit g (gate = sigmoid(g))."""
+
+    RANGES: ClassVar[dict[str, tuple]] = {"gate_reg": (0, None, True)}
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if not self.gate_reg >= 0:
+            problems.append(f"gate_reg must be non-negative, got {self.gate_reg}")
+        return problems
 
 
 class GatedSAE(SAE):

@@ -21,12 +21,10 @@ from torch import nn
 from cache_schema.files import atomic_write, file_sha256
 from pipeline.errors import PipelineError
 from pipeline.sae.base import SAE
+from pipeline.sae.registry import inference_class
 
 WEIGHTS, CFG = "sae_weights.safetensors", "cfg.json"
 SAE_LENS_VERSION = "6.0.0"
-_TENSORS = {"standard": ("W_enc", "W_dec", "b_enc", "b_dec"),
-            "topk": ("W_enc", "W_dec", "b_enc", "b_dec"),
-            "jumprelu": ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
 
 
 def save_saelens(folder: str | Path, sae: SAE, scale: float, metadata: dict) -> dict[str, str]:
@@ -54,29 +52,27 @@ def save_saelens(folder: str | Path, sae: SAE, scale: float, metadata: dict) -> 
 
 
 class InferenceSAE(nn.Module):
-    """A saved SAE applied to raw activations: standard, topk or jumprelu, computed as SAELens 6
-    computes them (TopK keeps the k largest pre-activations per row, then ReLU; JumpReLU keeps
-    relu(pre) where pre > relu(threshold))."""
+    """A saved SAE applied to raw activations, computed as SAELens 6 computes its architecture;
+    the latents come from the class it was trained as (`kind.saved_activation`)."""
 
-    def __init__(self, cfg: dict, tensors: dict[str, torch.Tensor]):
+    def __init__(self, cfg: dict, tensors: dict[str, torch.Tensor], kind: type[SAE]):
         super().__init__()
         self.cfg = cfg
-        self.architecture = cfg["architecture"]
+        self.kind = kind
         self.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
         for name, t in tensors.items():
             self.register_buffer(name, t)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents [rows, d_sae], or only the columns `latents`: computed from those encoder
+        columns alone where each latent depends on its own column only."""
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
-        pre = x @ self.W_enc + self.b_enc
-        acts = torch.relu(pre)
-        if self.architecture == "topk":
-            top, idx = acts.topk(int(self.cfg["k"]), dim=-1, sorted=False)
-            return torch.zeros_like(acts).scatter_(-1, idx, top)
-        if self.architecture == "jumprelu":
-            return acts * (pre > self.threshold.relu())
-        return acts
+        if latents is not None and self.kind.independent_latents:
+            pre = x @ self.W_enc[:, latents] + self.b_enc[latents]
+            return self.kind.saved_activation(self, pre, latents)
+        z = self.kind.saved_activation(self, x @ self.W_enc + self.b_enc, None)
+        return z if latents is None else z[:, latents]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z @ self.W_dec + self.b_dec
@@ -96,10 +92,11 @@ def load_saelens(folder: str | Path) -> InferenceSAE:
     except ValueError as e:
         raise PipelineError(f"{folder / CFG} is not valid JSON ({e})") from e
     arch = cfg.get("architecture")
-    if arch not in _TENSORS:
-        raise PipelineError(f"{folder}: architecture {arch!r} is not one this tool reads "
-                            f"({', '.join(_TENSORS)})")
-    needed = ["d_in", "d_sae"] + (["k"] if arch == "topk" else [])
+    try:
+        kind = inference_class(cfg)
+    except PipelineError as e:
+        raise PipelineError(f"{folder}: {e}") from None
+    needed = ["d_in", "d_sae", *kind.saved_fields]
     missing = [key for key in needed if not isinstance(cfg.get(key), int)]
     if missing:
         raise PipelineError(f"{folder / CFG}: {', '.join(missing)} missing or not an integer")
@@ -114,10 +111,10 @@ def load_saelens(folder: str | Path) -> InferenceSAE:
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,),
               "b_dec": (d_in,), "threshold": (d_sae,)}
-    for name in _TENSORS[arch]:
+    for name in kind.saved_tensors:
         if name not in tensors:
             raise PipelineError(f"{folder / WEIGHTS} has no tensor {name} (needed by {arch})")
         if tuple(tensors[name].shape) != shapes[name]:
             raise PipelineError(f"{folder / WEIGHTS}: {name} has shape "
                                 f"{tuple(tensors[name].shape)}, cfg.json says {shapes[name]}")
-    return InferenceSAE(cfg, {n: tensors[n].float() for n in _TENSORS[arch]})
+    return InferenceSAE(cfg, {n: tensors[n].float() for n in kind.saved_tensors}, kind)

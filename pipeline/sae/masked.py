@@ -28,12 +28,49 @@ undone entirely by the renormalisation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
 
-from pipeline.sae.relu import ReluSAE
+from pipeline.sae.relu import L1Config, ReluSAE
+
+PENALTIES = ("shrink", "restore", "off")
+
+
+@dataclass
+class MaskedConfig(L1Config):
+    absorption: float = 5e-4
+    """masked: coefficient of the decoder-norm penalty on masked (dormant) latents."""
+    penalty: str = "shrink"
+    """masked: penalty direction: shrink (the article's term), restore, or off."""
+    mask_every: int = 500
+    """masked: refresh the dormancy mask every N steps."""
+    mask_eps: float = 1e-4
+    """masked: a latent whose EMA of mean |z| is below this is masked (5e-5 for early layers)."""
+    mask_momentum: float = field(default=0.99, metadata={"flag": False})
+    """Momentum of the EMA of each latent's mean |z|."""
+
+    RANGES: ClassVar[dict[str, tuple]] = {
+        "absorption": (0, None, True), "mask_every": (1, None, True), "mask_eps": (0, None, True)}
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.penalty not in PENALTIES:
+            problems.append(f"unknown penalty {self.penalty!r} (known: {', '.join(PENALTIES)})")
+        if self.mask_every < 1:
+            problems.append(f"mask_every must be at least 1, got {self.mask_every}")
+        for name in ("absorption", "mask_eps"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"{name} must be non-negative, got {getattr(self, name)}")
+        if not 0 <= self.mask_momentum < 1:
+            problems.append(f"mask_momentum must be in [0, 1), got {self.mask_momentum}")
+        return problems
 
 
 class MaskedSAE(ReluSAE):
+    has_mask = True
+
     def __init__(self, cfg, generator=None):
         super().__init__(cfg, generator)
         self.register_buffer("ema", torch.ones(cfg.d_sae))

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from pipeline.sae.base import SAE
+from pipeline.sae.base import SAE, SAEConfig
 from pipeline.sae.dense import DenseReLU
 from pipeline.sae.mse import squared_error
 from pipeline.sae.workspace import Workspace
+
+
+@dataclass
+class L1Config(SAEConfig):
+    """The l1 family (relu, masked, gated)."""
+
+    l1: float = 1e-3
+    """Sparsity coefficient on mean |z| (relu, masked, gated)."""
+    l1_warmup_steps: int = 0
+    """Steps over which the sparsity coefficient ramps linearly from 0 to --l1."""
+
+    RANGES: ClassVar[dict[str, tuple]] = {"l1": (0, None, True), "l1_warmup_steps": (0, None, True)}
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if not self.l1 >= 0:
+            problems.append(f"l1 must be non-negative, got {self.l1}")
+        return problems
 
 
 class ReluSAE(SAE):
@@ -31,6 +52,10 @@ class ReluSAE(SAE):
             self.count_firing(colsum > 0, len(x))  # z >= 0: fired iff its sum is positive
             self.latent_means(colsum / len(x))
         return sum(parts.values()), parts, x_hat, z
+
+    def latent_means(self, means: torch.Tensor) -> None:
+        """In-step statistics from each latent's batch mean of |z|, which the dense ReLU step
+        (pipeline.sae.dense) passes instead of z (masked: the EMA)."""
 
     def l0(self, code: torch.Tensor) -> torch.Tensor:
         return self.counts.sum() / len(code)  # counted in the forward: no pass over z here

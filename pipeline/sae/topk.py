@@ -3,9 +3,12 @@ with the auxiliary loss of Gao et al. (2024) that reconstructs the residual from
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
 
-from pipeline.sae.base import SAE
+from pipeline.sae.base import SAE, SAEConfig
 from pipeline.sae.mse import squared_error
 from pipeline.sae.sparse import SparseCode, SparseEncode, sparse_decode
 from pipeline.sae.workspace import Workspace
@@ -22,8 +25,50 @@ def keep_topk(values: torch.Tensor, k: int) -> torch.Tensor:
 DEAD_CHECK_EVERY = 25
 
 
+@dataclass
+class TopKConfig(SAEConfig):
+    k: int = 32
+    """Active latents per token (topk; batchtopk: on average)."""
+    aux_k: int = 256
+    """topk/batchtopk: dead latents used by the auxiliary loss."""
+    aux_coeff: float = 1 / 32
+    """topk/batchtopk: coefficient of the auxiliary loss."""
+    sparse: bool = True
+    """topk: the k-sparse step (decoder and encoder gradients only through the active latents);
+    --no-sparse runs the dense reference."""
+
+    RANGES: ClassVar[dict[str, tuple]] = {
+        "k": (1, None, True), "aux_k": (1, None, True), "aux_coeff": (0, None, True)}
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if not 1 <= self.k <= self.d_sae:
+            problems.append(f"k must be between 1 and d_sae ({self.d_sae}), got k={self.k}")
+        if self.aux_k < 1:
+            problems.append(f"aux_k must be at least 1, got {self.aux_k}")
+        if not self.aux_coeff >= 0:
+            problems.append(f"aux_coeff must be non-negative, got {self.aux_coeff}")
+        return problems
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    threshold_momentum: float = field(default=0.99, metadata={"flag": False})
+    """Momentum of the running inference threshold."""
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if not 0 <= self.threshold_momentum < 1:
+            problems.append(f"threshold_momentum must be in [0, 1), got "
+                            f"{self.threshold_momentum}")
+        return problems
+
+
 class TopKSAE(SAE):
     saelens_architecture = "topk"
+    uses_l1 = False
+    saved_fields = ("k",)
+    independent_latents = False  # which k latents are kept depends on all of them
     per_row = True  # k latents per row (BatchTopK: k * B per batch)
 
     def __init__(self, cfg, generator=None):
@@ -100,6 +145,12 @@ class TopKSAE(SAE):
         tensors, cfg = super().saelens_export(scale)
         return tensors, {**cfg, "k": self.cfg.k}
 
+    @staticmethod
+    def saved_activation(saved, pre, latents):
+        """SAELens's TopK: the k largest of each row, then ReLU (the same as keep_topk of the
+        ReLU'd row)."""
+        return keep_topk(torch.relu(pre), int(saved.cfg["k"]))
+
 
 class BatchTopKSAE(TopKSAE):
     """Training keeps the k*B largest activations of the whole batch; inference uses a running
@@ -107,6 +158,9 @@ class BatchTopKSAE(TopKSAE):
 
     saelens_architecture = "jumprelu"
     per_row = False
+    saved_tensors = (*SAE.saved_tensors, "threshold")
+    saved_fields = ()
+    independent_latents = True
 
     def __init__(self, cfg, generator=None):
         super().__init__(cfg, generator)
@@ -131,3 +185,9 @@ class BatchTopKSAE(TopKSAE):
         tensors, cfg = SAE.saelens_export(self, scale)
         tensors["threshold"] = self.threshold.detach().float().cpu().expand(self.cfg.d_sae).clone()
         return tensors, cfg
+
+    @staticmethod
+    def saved_activation(saved, pre, latents):
+        """SAELens's JumpReLU: relu(pre) where pre > relu(threshold)."""
+        threshold = saved.threshold if latents is None else saved.threshold[latents]
+        return torch.relu(pre) * (pre > threshold.relu())

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from pipeline.data.loader import STREAMS
 from pipeline.errors import PipelineError
-from pipeline.sae import REGISTRY, SAEConfig
+from pipeline.sae import ARCHITECTURES, SAEConfig, sae_config
+from pipeline.sae.registry import settings
 
-_SAE = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
 CUDA_GRAPH = ("auto", "on", "off")
 
 
@@ -34,31 +34,9 @@ class TrainConfig:
     """d_sae = expansion * d_model, unless --d-sae is given."""
     d_sae: int | None = None
     """Number of latents (overrides --expansion)."""
-    k: int = _SAE["k"]
-    """Active latents per token (topk; batchtopk: on average)."""
-    l1: float = _SAE["l1"]
-    """Sparsity coefficient on mean |z| (relu, masked, gated)."""
-    l1_warmup_steps: int = 0
-    """Steps over which the sparsity coefficient ramps linearly from 0 to --l1."""
-    absorption: float = _SAE["absorption"]
-    """masked: coefficient of the decoder-norm penalty on masked (dormant) latents."""
-    penalty: str = _SAE["penalty"]
-    """masked: penalty direction: shrink (the article's term), restore, or off."""
-    mask_every: int = _SAE["mask_every"]
-    """masked: refresh the dormancy mask every N steps."""
-    mask_eps: float = _SAE["mask_eps"]
-    """masked: a latent whose EMA of mean |z| is below this is masked (5e-5 for early layers)."""
-    gate_reg: float = _SAE["gate_reg"]
-    """gated: coefficient of the mean binary entropy of the gates."""
-    aux_k: int = _SAE["aux_k"]
-    """topk/batchtopk: dead latents used by the auxiliary loss."""
-    aux_coeff: float = _SAE["aux_coeff"]
-    """topk/batchtopk: coefficient of the auxiliary loss."""
-    sparse: bool = _SAE["sparse"]
-    """topk: the k-sparse step (decoder and encoder gradients only through the active latents);
-    --no-sparse runs the dense reference."""
-    dead_tokens: int = _SAE["dead_tokens"]
-    """A latent that has not fired in this many training tokens counts as dead."""
+    sae: dict = dataclasses.field(default_factory=dict)
+    """Architecture settings by name: each architecture's config class defines its own (with
+    their help and defaults), shown on the command line as flat flags (--k, --l1, ...)."""
     batch_size: int = 4096
     """Tokens per step."""
     lr: float = 2e-4
@@ -104,14 +82,20 @@ class TrainConfig:
     RESUMABLE = ("resume", "progress")
 
     def __post_init__(self) -> None:
+        known = {s.name: s.default for s in settings()}
+        unknown = sorted(set(self.sae) - set(known)) if isinstance(self.sae, dict) else []
+        if unknown or not isinstance(self.sae, dict):
+            raise PipelineError(f"unknown SAE settings {unknown or self.sae!r} (known: "
+                                f"{', '.join(known)})")
+        self.sae = {**known, **self.sae}
         problems = _type_problems(self)
         if problems:  # ranges cannot be checked on values of the wrong type
             raise PipelineError("; ".join(problems) + ".")
         if self.stream not in STREAMS:
             problems.append(f"unknown stream {self.stream!r} (expected one of {STREAMS})")
-        if self.arch not in REGISTRY:
+        if self.arch not in ARCHITECTURES:
             problems.append(f"unknown architecture {self.arch!r} (expected one of "
-                            f"{sorted(REGISTRY)})")
+                            f"{sorted(ARCHITECTURES)})")
         if self.cuda_graph not in CUDA_GRAPH:
             problems.append(f"--cuda-graph must be one of {CUDA_GRAPH}, got {self.cuda_graph!r}")
         problems += _range_problems(self)
@@ -129,15 +113,32 @@ class TrainConfig:
     def sae_config(self, d_in: int) -> SAEConfig:
         """The SAE's own settings, with d_sae resolved."""
         d_sae = self.d_sae if self.d_sae is not None else self.expansion * d_in
-        shared = {k: getattr(self, k) for k in _SAE if hasattr(self, k)
-                  and k not in ("arch", "d_in", "d_sae")}
         try:
-            return SAEConfig(arch=self.arch, d_in=d_in, d_sae=d_sae, **shared)
+            return sae_config(self.arch, d_in, d_sae, **self.sae)
         except ValueError as e:
             raise PipelineError(str(e)) from e
 
+    @classmethod
+    def from_flat(cls, **values) -> TrainConfig:
+        """From flat settings, as the CLI, grid files and train_config.json name them."""
+        names = {s.name for s in settings()}
+        sae = {k: v for k, v in values.items() if k in names}
+        return cls(**{k: v for k, v in values.items() if k not in names},
+                   sae={**values.get("sae", {}), **sae})
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Flat settings, the SAE's in the place of `sae` (train_config.json's layout)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "sae":
+                out.update(self.sae)
+            else:
+                out[f.name] = getattr(self, f.name)
+        return out
+
+    def get(self, name: str):
+        """A flat setting by name (an SAE setting or a field)."""
+        return self.sae[name] if name in self.sae else getattr(self, name)
 
     def identity(self) -> dict:
         """The settings that must match for --resume."""
@@ -147,16 +148,24 @@ class TrainConfig:
 # The accepted range of every numeric setting: (lowest, highest, highest included); None = open.
 RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "layer": (0, None, True), "mix_fraction": (0, 1, True), "expansion": (1, None, True),
-    "d_sae": (1, None, True), "k": (1, None, True), "l1": (0, None, True),
-    "l1_warmup_steps": (0, None, True), "absorption": (0, None, True),
-    "mask_every": (1, None, True), "mask_eps": (0, None, True), "gate_reg": (0, None, True),
-    "aux_k": (1, None, True), "aux_coeff": (0, None, True), "dead_tokens": (1, None, True),
-    "batch_size": (1, None, True), "lr_warmup_steps": (0, None, True),
+    "d_sae": (1, None, True), "batch_size": (1, None, True), "lr_warmup_steps": (0, None, True),
     "lr_decay_fraction": (0, 1, True), "beta1": (0, 1, False), "beta2": (0, 1, False),
     "grad_clip": (0, None, True), "tokens": (1, None, True), "steps": (1, None, True),
     "seed": (0, None, True), "holdout_chunks": (0, None, True), "window_chunks": (1, None, True),
     "log_every": (1, None, True), "checkpoint_every": (1, None, True),
 }
+
+
+def flat_hints() -> dict[str, type]:
+    """The type of every flat setting (TrainConfig's fields with the SAE's in place of `sae`)."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for name, hint in hints.items():
+        if name == "sae":
+            out.update({s.name: s.hint for s in settings()})
+        else:
+            out[name] = hint
+    return out
 
 
 def _flag(name: str) -> str:
@@ -166,8 +175,8 @@ def _flag(name: str) -> str:
 def _type_problems(cfg: TrainConfig) -> list[str]:
     """Values of the wrong type (a grid file or a Python caller can pass anything)."""
     problems = []
-    for name, hint in typing.get_type_hints(TrainConfig).items():
-        value = getattr(cfg, name)
+    for name, hint in flat_hints().items():
+        value = cfg.get(name)
         kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
         if value is None and type(None) in typing.get_args(hint):
             continue
@@ -187,8 +196,9 @@ _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str:
 def _range_problems(cfg: TrainConfig) -> list[str]:
     """Numbers that are not finite or outside their range, each naming its flag."""
     problems = []
-    for name, (lo, hi, hi_included) in RANGES.items():
-        value = getattr(cfg, name)
+    ranges = {**RANGES, **{s.name: s.limits for s in settings() if s.limits}}
+    for name, (lo, hi, hi_included) in ranges.items():
+        value = cfg.get(name)
         if value is None:
             continue
         if not math.isfinite(value):

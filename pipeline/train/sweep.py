@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import tomllib
@@ -11,7 +10,7 @@ import typing
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainConfig, flat_hints
 from pipeline.train.trainer import SHARED, train_many
 
 SWEEP_FILE = "sweep.json"
@@ -19,7 +18,7 @@ SWEEP_FILE = "sweep.json"
 
 def parse_value(name: str, text: str):
     """A command-line value for TrainConfig field `name`, in that field's type."""
-    hints = typing.get_type_hints(TrainConfig)
+    hints = flat_hints()
     if name not in hints:
         raise PipelineError(f"--set {name}=...: {name} is not a training setting")
     kind = typing.get_args(hints[name])[0] if typing.get_args(hints[name]) else hints[name]
@@ -77,7 +76,7 @@ def _read_grid_file(path: Path) -> tuple[dict, dict[str, list]]:
     if not isinstance(grid, dict):
         raise PipelineError(f"'grid' in {path} must be a table of name = [values], not a "
                             f"{type(grid).__name__}")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = set(flat_hints())
     unknown = sorted(set(data) - known) + sorted(f"grid.{k}" for k in set(grid) - known)
     if unknown:
         raise PipelineError(f"the sweep grid {path} has unknown settings {', '.join(unknown)}: "
@@ -98,9 +97,9 @@ def expand(base: TrainConfig, overrides: dict, grid: dict[str, list]) -> list[Tr
     for i, values in enumerate(itertools.product(*(grid[n] for n in names))):
         point = dict(zip(names, values, strict=True))
         label = "-".join(f"{n}={v}" for n, v in point.items()).replace("/", "_")
-        fields = {**dataclasses.asdict(base), **overrides, **point,
+        fields = {**base.to_dict(), **overrides, **point,
                   "out": str(Path(base.out) / f"{i:02d}-{label}")}
-        configs.append(TrainConfig(**fields))
+        configs.append(TrainConfig.from_flat(**fields))
     return configs
 
 
@@ -115,7 +114,7 @@ def sweep(base: TrainConfig, grid_file: str | None = None, sets: list[str] | Non
     def write_listing() -> None:  # called once every point has passed every check
         root.mkdir(parents=True, exist_ok=True)
         (root / SWEEP_FILE).write_text(json.dumps(
-            {"grid": grid, "base": {**dataclasses.asdict(base), **overrides},
+            {"grid": grid, "base": {**base.to_dict(), **overrides},
              "runs": [c.out for c in configs]}, indent=1, default=str))
 
     return train_many(configs, before_writing=write_listing)
