@@ -45,6 +45,11 @@ class Workers:
         torch.distributed.broadcast(buf, src=0)
         return bytes(buf.cpu().tolist()).decode()
 
+    def leave(self) -> None:
+        """Leave the process group before exiting on an error every rank shares."""
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
     def device(self, device: str) -> str:
         """One GPU per process: plain 'cuda' becomes cuda:LOCAL_RANK."""
         return f"cuda:{self.local_rank}" if self.world > 1 and device == "cuda" else device

@@ -118,6 +118,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> Manifest:
                 lock.release()
     error = team.from_main(error)  # the others start once the cache exists, or stop with rank 0
     if error is not None:
+        team.leave()  # every rank stops alike: no rank aborts in gloo's teardown after a peer left
         raise PipelineError(error)
     try:
         return _extract_locked(cfg, m, seqs, src, out, team, remote, progress)
