@@ -54,15 +54,14 @@ def row_topk(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None, stride
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row of pre + bias (bias: [width] or None), as values and
     indices (unordered), as torch.topk gives them. On CPU in float32: the C kernel of
-    pipeline.sae.native, which adds the bias in the same pass (at batch 4096, k 32 on 2 cores,
-    with the bias: 9 ms at width 4608, 21 at 18432, 73 at 73728; the torch path below takes
-    24, 47 and 107 ms, after a bias add in the encoder's addmm of 4 to 435 ms). Without the
-    kernel, for wide rows: split each row into `stride`-element groups of columns {g, g + G,
-    g + 2G, ...} (G = width / stride; one amax over a middle axis, contiguous and vectorised),
-    take the k groups with the largest maxima (the same way, recursively), and the k largest
-    among their k * stride entries. Exact: outside those k groups no entry exceeds the k-th
-    largest group maximum, and the k groups hold k entries at least that large. Elsewhere
-    (CUDA, narrow rows, widths not divisible) it is torch.topk."""
+    pipeline.sae.native, which adds the bias in the same pass (scripts/bench_kernels.py
+    measures it against the torch path below). Without the kernel, for wide rows: split each row
+    into `stride`-element groups of columns {g, g + G, g + 2G, ...} (G = width / stride; one
+    amax over a middle axis, contiguous and vectorised), take the k groups with the largest
+    maxima (the same way, recursively), and the k largest among their k * stride entries. Exact:
+    outside those k groups no entry exceeds the k-th largest group maximum, and the k groups
+    hold k entries at least that large. Elsewhere (CUDA, narrow rows, widths not divisible) it
+    is torch.topk."""
     if native.usable(pre):
         return native.topk_rows(pre, k, bias)
     if bias is not None:
@@ -88,9 +87,8 @@ def _per_row(top: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def _per_batch(pre: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     """(vals, latents, rows, offsets) of the n largest entries of the whole batch, by row.
-    The batch as one row through row_topk: at d_sae 4608, batch 4096, n = 32 x 4096 on 2 cores,
-    15 ms in the C kernel, 68 ms on the grouped torch path, 154 ms in torch.topk over the flat
-    batch, which runs on one core."""
+    The batch as one row through row_topk, not torch.topk over the flat batch, which runs on
+    one core."""
     b, d_sae = pre.shape
     top, flat = (t[0] for t in row_topk(pre.view(1, -1), n))
     flat, order = flat.sort()
@@ -151,9 +149,8 @@ class SparseEncode(torch.autograd.Function):
 class SparseDecode(torch.autograd.Function):
     """x_hat[b] = sum over row b's entries of vals[e] * W_dec[latents[e]] (no bias), as an
     embedding bag; the backward gives vals their gradient (one dot product per entry: on CPU
-    entry_dots, 6 -> 3 ms at d_sae 4608 and 17 -> 11 ms at 18432 against embedding_bag's own
-    kernel; elsewhere that kernel) and W_dec its gradient through outer_sum (the built-in
-    backward sorts all B*k indices and is 3-5x slower on CPU)."""
+    entry_dots, faster than embedding_bag's own kernel; elsewhere that kernel) and W_dec its
+    gradient through outer_sum (the built-in backward sorts all B*k indices)."""
 
     @staticmethod
     def forward(ctx, vals, latents, rows, offsets, w_dec):
@@ -178,8 +175,8 @@ class SparseDecode(torch.autograd.Function):
 def entry_dots(g: torch.Tensor, w: torch.Tensor, latents: torch.Tensor, offsets: torch.Tensor
                ) -> torch.Tensor:
     """dot(g[b], w[latents[e]]) for every entry e of every row b (row b's entries start at
-    offsets[b]), in entry order (CPU): the C kernel (4.2 ms at d_sae 4608, 12 at 18432), else
-    the product g w^T sampled at the code's pattern by MKL (5.5 and 15 ms)."""
+    offsets[b]), in entry order (CPU): the C kernel, else the product g w^T sampled at the
+    code's pattern by MKL."""
     if native.usable(g):
         return native.entry_dots(g, w, latents, offsets)
     crow = torch.cat([offsets, offsets.new_tensor([len(latents)])])
@@ -205,10 +202,8 @@ def sparse_decode(code: SparseCode, w_dec: torch.Tensor, vals: torch.Tensor | No
 def outer_sum(g: torch.Tensor, latents: torch.Tensor, rows: torch.Tensor, m: torch.Tensor,
               d_sae: int, index_add: bool | None = None) -> torch.Tensor:
     """out[latents[e]] += g[e] * m[rows[e]] over all entries: [d_sae, width]. CPU: the C kernel
-    (a counting sort by latent, then each output row summed by one thread: 6.9 ms at d_sae 4608,
-    7.7 at 18432, 12.5 at 73728, batch 4096, k 32 on 2 cores; scripts/bench_kernels.py), else
-    one CSR sparse x dense product (MKL: 10.4, 7.7 and 10.8 ms; both bound by writing the output
-    at large d_sae), written into a new tensor with beta 0, which skips the
+    (a counting sort by latent, then each output row summed by one thread), else one CSR sparse
+    x dense product (MKL), written into a new tensor with beta 0, which skips the
     zero fill and the copy that torch.sparse.mm makes around the same product. CUDA: index_add
     in blocks of entries, which has static shapes and no host sync, so it captures in a CUDA
     graph (a sparse tensor's coalescing does not)."""

@@ -1,8 +1,8 @@
 """Buffers that every training step reuses instead of allocating [batch, d_sae] tensors anew.
 
-On CPU a fresh tensor of that size (75 MiB at batch 4096, d_sae 4608) is a fresh mapping whose
-pages fault in on first touch: ~20 ms per tensor per step on 2 cores, as much as a pass of real
-work over it. On CUDA the buffers are simply static, as a captured graph wants them."""
+On CPU a fresh tensor of that size is a fresh mapping whose pages fault in on first touch, which
+costs as much as a pass of real work over it. On CUDA the buffers are simply static, as a
+captured graph wants them."""
 
 from __future__ import annotations
 
