@@ -61,12 +61,12 @@ def plan(cfg: ExtractConfig) -> tuple[Manifest, np.ndarray, models.ModelSource, 
     if compute == "auto":
         compute = "float32" if device == "cpu" else "bfloat16"
     special = sorted(set(tok.all_special_ids) | {tok.bos_token_id})
-    spc = cfg.rows_per_chunk // cfg.context_length
+    seqs_per_chunk = cfg.rows_per_chunk // cfg.context_length
     n_chunks = cfg.tokens // cfg.rows_per_chunk
-    seqs = pack_sequences(cfg.corpus, tok, n_chunks * spc, cfg.context_length,
+    seqs = pack_sequences(cfg.corpus, tok, n_chunks * seqs_per_chunk, cfg.context_length,
                           tok.bos_token_id, tok.eos_token_id)
-    if len(seqs) < n_chunks * spc:
-        have = len(seqs) // spc
+    if len(seqs) < n_chunks * seqs_per_chunk:
+        have = len(seqs) // seqs_per_chunk
         if have == 0:
             raise PipelineError(
                 f"corpus {cfg.corpus} yields {len(seqs) * cfg.context_length} tokens, below one "
@@ -75,7 +75,7 @@ def plan(cfg: ExtractConfig) -> tuple[Manifest, np.ndarray, models.ModelSource, 
               f"tokens; writing {have * cfg.rows_per_chunk} tokens, not {cfg.tokens}",
               file=sys.stderr)
         n_chunks = have
-    seqs = seqs[: n_chunks * spc]
+    seqs = seqs[: n_chunks * seqs_per_chunk]
     m = Manifest(
         model_name=src.name, model_fingerprint=src.fingerprint, model_revision=src.revision,
         compute_dtype=compute, device_type=device.split(":")[0], layers=list(cfg.layers),
@@ -164,20 +164,20 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
     input_device = next(base.parameters()).device
     vocab_size = base.get_input_embeddings().weight.shape[0]
     writer = ChunkWriter(out, m, on_chunk=uploader(out, m, remote)) if cfg.write else None
-    spc, bs, R = m.sequences_per_chunk, m.batch_size, m.rows_per_chunk
+    seqs_per_chunk, bs, R = m.sequences_per_chunk, m.batch_size, m.rows_per_chunk
     special = np.asarray(m.special_token_ids)
     bar = tqdm(total=len(todo) * R, unit="tok", unit_scale=True, desc="extract",
                disable=not progress, file=sys.stderr, smoothing=0.1)
     try:
         for k in todo:
-            clean = seqs[k * spc:(k + 1) * spc]
+            clean = seqs[k * seqs_per_chunk:(k + 1) * seqs_per_chunk]
             masked, is_masked = mask_sequences(
-                clean, k * spc, m.mask_rate, m.mask_strategy, m.mask_token_id, m.mask_seed,
+                clean, k * seqs_per_chunk, m.mask_rate, m.mask_strategy, m.mask_token_id, m.mask_seed,
                 m.special_token_ids, vocab_size)
             acts = {hook_name(layer): {s: [] for s in STREAMS} for layer in m.layers}
             norms = {hook_name(layer): {s: [] for s in STREAMS} for layer in m.layers}
-            for b in range(0, spc, bs):
-                n = min(bs, spc - b)
+            for b in range(0, seqs_per_chunk, bs):
+                n = min(bs, seqs_per_chunk - b)
                 ids = torch.from_numpy(np.concatenate([clean[b:b + n], masked[b:b + n]]))
                 with torch.inference_mode():
                     base(input_ids=ids.to(input_device, dtype=torch.long), use_cache=False)
@@ -195,7 +195,7 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
                 continue
             data = {TOKENS: clean.reshape(-1), MASKED_TOKENS: masked.reshape(-1),
                     IS_MASKED: is_masked.reshape(-1),
-                    SEQ: np.repeat(np.arange(k * spc, (k + 1) * spc, dtype=np.int32),
+                    SEQ: np.repeat(np.arange(k * seqs_per_chunk, (k + 1) * seqs_per_chunk, dtype=np.int32),
                                    m.context_length)}
             for hook_name_, streams in acts.items():
                 for stream, parts in streams.items():

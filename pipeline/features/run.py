@@ -94,7 +94,7 @@ def logit_effects(lm, w_dec: torch.Tensor, k: int = N_LOGITS) -> tuple[torch.Ten
     return up.values.cpu(), up.indices.cpu(), down.values.cpu(), down.indices.cpu()
 
 
-class Decoder:
+class TokenText:
     """Token id -> text, one tokenizer call per distinct id."""
 
     def __init__(self, tok):
@@ -113,7 +113,7 @@ def label_of(examples: list[dict], promoted: list[dict]) -> str:
     return " | ".join(w.strip() or repr(w) for w in words)
 
 
-def build_features(stats, decode: Decoder, logits, seq_len: int) -> list[dict]:
+def build_features(stats, decode: TokenText, logits, seq_len: int) -> list[dict]:
     """The per-latent records of features.json."""
     up_v, up_i, down_v, down_i = logits
     width = stats.hist.width.tolist()
@@ -189,7 +189,7 @@ def features(cfg: FeaturesConfig) -> Path:
 
     lm = models.load_model_of(m, cfg.model, dev)
     logits = logit_effects(lm, sae.W_dec[torch.tensor(chosen, device=sae.W_dec.device)])
-    decode = Decoder(models.load_tokenizer(src))
+    decode = TokenText(models.load_tokenizer(src))
     data = {"sae": str(sae_dir), "cache": str(cache), "cache_id": m.cache_id,
             "hook": hook_name(layer), "stream": "clean", "holdout_chunks": chunks,
             "tokens_scanned": stats.tokens, "d_sae": sae.cfg["d_sae"], "examples": examples,

@@ -34,7 +34,6 @@ class ModelSource:
     path: str  # HF folder or hub id
     fingerprint: str
     revision: str | None = None
-    is_local: bool = True
 
 
 def _gguf_fingerprint(path: Path) -> str:
@@ -156,4 +155,4 @@ def resolve_model(model: str, revision: str | None = None) -> ModelSource:
         raise PipelineError(f"model path {model} does not exist, and it is not a hub id "
                             "(owner/name): pass an existing folder, a .gguf file, or a hub id")
     fp = hashlib.sha256(f"{model}@{revision}".encode()).hexdigest()
-    return ModelSource(model, model, fp, revision, is_local=False)
+    return ModelSource(model, model, fp, revision)

@@ -192,11 +192,9 @@ def csr_tensor(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
         return torch.sparse_csr_tensor(crow, cols, values, shape)
 
 
-def sparse_decode(code: SparseCode, w_dec: torch.Tensor, vals: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-    """x_hat without b_dec from a code (vals: the differentiable values, default code.vals)."""
-    return SparseDecode.apply(code.vals if vals is None else vals, code.latents, code.rows,
-                              code.offsets, w_dec)
+def sparse_decode(code: SparseCode, w_dec: torch.Tensor) -> torch.Tensor:
+    """x_hat without b_dec from a code."""
+    return SparseDecode.apply(code.vals, code.latents, code.rows, code.offsets, w_dec)
 
 
 def outer_sum(g: torch.Tensor, latents: torch.Tensor, rows: torch.Tensor, m: torch.Tensor,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.train.config import TrainConfig, flat_hints
-from pipeline.train.trainer import SHARED, train_many
+from pipeline.train.trainer import SWEEP_COMMON, train_many
 
 SWEEP_FILE = "sweep.json"
 
@@ -52,7 +52,7 @@ def read_grid(grid_file: str | None, sets: list[str]) -> tuple[dict, dict[str, l
         raise PipelineError(f"a sweep cannot vary {', '.join(fixed)} per point: use -o for the "
                             "sweep's folder (each point gets a subfolder) and set --resume / "
                             "--progress once for the whole sweep")
-    shared = sorted(set(grid) & set(SHARED))
+    shared = sorted(set(grid) & set(SWEEP_COMMON))
     if shared:
         raise PipelineError(f"the SAEs of one sweep share {', '.join(shared)}: set it once, "
                             "not in the grid")

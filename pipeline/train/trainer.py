@@ -49,7 +49,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 # Settings every SAE of one sweep must share: they read the same batches in lockstep.
-SHARED = ("cache", "layer", "batch_size", "seed", "window_chunks", "keep_special",
+SWEEP_COMMON = ("cache", "layer", "batch_size", "seed", "window_chunks", "keep_special",
           "holdout_chunks", "device", "tokens", "steps", "log_every", "checkpoint_every")
 
 
@@ -61,7 +61,7 @@ def train_many(cfgs: list[TrainConfig], progress: bool | None = None,
     has passed; `before_writing` runs then, before the run folders are created."""
     base = cfgs[0]
     for cfg in cfgs[1:]:
-        differ = [k for k in SHARED if getattr(cfg, k) != getattr(base, k)]
+        differ = [k for k in SWEEP_COMMON if getattr(cfg, k) != getattr(base, k)]
         if differ:
             raise PipelineError(f"the SAEs of one sweep must share {', '.join(differ)} "
                                 f"(run {cfg.out} differs from {base.out})")
