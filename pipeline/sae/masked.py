@@ -11,19 +11,10 @@
   - "restore": M * (1 - ||W_dec_i||)^2, which points back toward norm 1.
   - "off": no penalty (the mask and its density are still computed and reported).
 
-What each does once decoder rows are renormalised to unit norm after every step: the gradient
-of either term with respect to W_dec_i is radial (parallel to W_dec_i), and a dormant latent
-(z_i = 0 on the batch) gets no other gradient on its row. Under plain SGD the radial step is
-undone entirely by the renormalisation.
-- "restore" is then a no-op: at ||W_dec_i|| = 1, where every step starts, its gradient is 0.
-- "shrink" is not, because of Adam: Adam divides each coordinate by its own running RMS, so a
-  steady radial gradient g = c * w becomes a step of about lr * g / (|g| + eps) per coordinate,
-  lr * sign(w) when |g| >> eps. After renormalisation that is a soft threshold: the small
-  coordinates of the dormant row go to zero and the row rotates toward the coordinate axes
-  (tests/test_sae.py checks it). At the article's scale (absorption 5e-4, d_sae 32768, d_in 4096)
-  |g| is about 2e-10 per coordinate, under Adam's default eps of 1e-8, so the same drift runs
-  about 40 times slower. Either way it is an optimiser artefact, not the "restoring force" the
-  article describes: compare against "off" before crediting it with anything.
+With decoder rows renormalised after every step, either penalty's gradient on a dormant row is
+radial, so "restore" does nothing (its gradient is 0 at norm 1) and "shrink" acts only through
+Adam's per-coordinate scaling, which zeroes the row's small coordinates (tests/test_sae.py):
+an optimiser artefact, not a restoring force. Compare against "off" before crediting either.
 """
 
 from __future__ import annotations
