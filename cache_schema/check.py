@@ -13,11 +13,13 @@ import numpy as np
 
 from cache_schema.dtypes import decode
 from cache_schema.errors import CacheError
+from cache_schema.files import HASHES
 from cache_schema.integrity import (
     ChunkMismatch,
     decompress,
     expected_file_bytes,
     read_chunk_file,
+    recorded_digests,
 )
 from cache_schema.manifest import STATUS_COMPLETE, Manifest
 from cache_schema.store import (
@@ -120,17 +122,18 @@ def _compare(recorded: dict, recomputed: dict, rtol: float, where: str) -> list[
 
 
 def _check_chunk(root: str | Path, m: Manifest, k: int, record: dict) -> list[str]:
-    """Size, SHA-256 and norm statistics of every file of chunk k, each file read once."""
+    """Size, SHA-256 (and XXH3-64 where recorded) and norm statistics of every file of chunk k,
+    each file read once."""
     problems, norms, special = [], {}, None
-    checksums = record.get("checksums") if isinstance(record.get("checksums"), dict) else {}
     for name, (shape, dtype) in array_specs(m).items():  # tokens first: they mark special rows
         path = chunk_file(root, name, len(shape), k)
-        if not isinstance(checksums.get(name), str):
+        digests = recorded_digests(record, name, tuple(HASHES))
+        if "sha256" not in digests:
             problems.append(f"chunk {k}: its record has no checksum for {name}")
             continue
         try:
             data = read_chunk_file(path, k, name, size=expected_file_bytes(m, shape, dtype),
-                                   sha256=checksums[name])
+                                   digests=digests)
             values = _decode(m, data, shape, dtype, k, name, path)
         except ChunkMismatch as e:
             problems.append(e.problem)

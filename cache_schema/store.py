@@ -16,11 +16,13 @@ import numpy as np
 
 from cache_schema.dtypes import storage_dtype
 from cache_schema.errors import CacheError
-from cache_schema.files import atomic_write, file_sha256
+from cache_schema.files import atomic_write, file_digests
 from cache_schema.manifest import STATUS_COMPLETE, STREAMS, Manifest
 
 MANIFEST_KEY = "manifest"
 RECORDS_DIR = "_chunks"
+RECORD_KEYS = {"sha256": "checksums", "xxh3": "xxh3"}
+"""Where a chunk record keeps each algorithm's digests of its files (SPEC.md §5)."""
 TOKENS, MASKED_TOKENS, IS_MASKED, SEQ = "tokens", "masked_tokens", "is_masked", "seq"
 TOKEN_ARRAYS = {TOKENS: "<i4", MASKED_TOKENS: "<i4", IS_MASKED: "|b1", SEQ: "<i4"}
 
@@ -130,10 +132,17 @@ def list_done_chunks(root: str | Path) -> list[int]:
     return sorted(int(p.stem) for p in d.glob("*.json") if p.stem.isdigit())
 
 
-def chunk_checksums(root: str | Path, m: Manifest, k: int, sync: bool = False) -> dict[str, str]:
-    """SHA-256 of chunk k's file in every array (sync: fsync each file, before its record)."""
-    return {name: file_sha256(chunk_file(root, name, len(shape), k), sync)
-            for name, (shape, _) in array_specs(m).items()}
+def chunk_checksums(root: str | Path, m: Manifest, k: int, sync: bool = False
+                    ) -> dict[str, dict[str, str]]:
+    """The digests of chunk k's file in every array, as its record holds them (SPEC.md §5):
+    {"checksums": {array: SHA-256}, "xxh3": {array: XXH3-64}}, each file read once (sync: fsync
+    each file, before its record)."""
+    out: dict[str, dict[str, str]] = {RECORD_KEYS[a]: {} for a in RECORD_KEYS}
+    for name, (shape, _) in array_specs(m).items():
+        digests = file_digests(chunk_file(root, name, len(shape), k), tuple(RECORD_KEYS), sync)
+        for a, hexdigest in digests.items():
+            out[RECORD_KEYS[a]][name] = hexdigest
+    return out
 
 
 def records_digest(root: str | Path, m: Manifest) -> str:

@@ -55,7 +55,7 @@ def write_chunk(root: Path, m: Manifest, arrays: dict[str, zarr.Array], k: int,
     lo = k * m.rows_per_chunk
     for name, values in data.items():
         arrays[name][lo: lo + len(values)] = values
-    record = {"chunk": k, "checksums": chunk_checksums(root, m, k, sync=True), "stats": stats}
+    record = {"chunk": k, **chunk_checksums(root, m, k, sync=True), "stats": stats}
     write_chunk_record(root, k, record)
 
 

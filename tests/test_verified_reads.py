@@ -52,7 +52,7 @@ def test_train_refuses_a_chunk_with_a_flipped_byte(tmp_path):
                                  "--device", "cpu"])
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: ") and "Traceback" not in r.output
-    for needle in (f"chunk 2 of clean/{hook_name(0)}", str(bad), "SHA-256", "pipeline verify"):
+    for needle in (f"chunk 2 of clean/{hook_name(0)}", str(bad), "XXH3-64", "pipeline verify"):
         assert needle in " ".join(r.output.split()), r.output
     assert not (tmp_path / "run" / "sae_weights.safetensors").exists()
 
@@ -66,7 +66,7 @@ def test_no_row_of_a_corrupt_chunk_reaches_a_batch(tmp_path, monkeypatch, codec,
     flip_byte(bad, at=os.path.getsize(bad) - 3)  # a value, not the frame header
     seen = []
     with ActivationLoader(root, 0, batch_size=32, window_chunks=1, seed=1) as loader, \
-            pytest.raises(PipelineError, match=r"chunk 1 of clean/.*SHA-256.*pipeline verify"):
+            pytest.raises(PipelineError, match=r"chunk 1 of clean/.*XXH3-64.*pipeline verify"):
         for _ in range(4 * K * R // 32):
             seen.append(next(loader)[:, 0].clone())
     rows = torch.cat(seen).long() if seen else torch.empty(0)
@@ -77,7 +77,7 @@ def test_a_flipped_token_file_is_caught_too(tmp_path):
     root = make(tmp_path / "cache")
     flip_byte(chunk_file(root, TOKENS, 1, 3), at=8)
     with ActivationLoader(root, 0, batch_size=32, window_chunks=K) as loader, \
-            pytest.raises(PipelineError, match=r"chunk 3 of tokens .*SHA-256"):
+            pytest.raises(PipelineError, match=r"chunk 3 of tokens .*XXH3-64"):
         next(loader)
 
 
@@ -86,7 +86,7 @@ def test_holdout_chunks_are_checked(tmp_path):
     flip_byte(clean_file(root, K - 1))
     with ActivationLoader(root, 0, batch_size=32, holdout_chunks=1) as loader:
         next(loader)
-        with pytest.raises(PipelineError, match=rf"chunk {K - 1} of clean/.*SHA-256"):
+        with pytest.raises(PipelineError, match=rf"chunk {K - 1} of clean/.*XXH3-64"):
             list(loader.holdout())
 
 
@@ -97,7 +97,7 @@ def test_each_file_is_hashed_on_its_first_read_only(tmp_path, monkeypatch):
     calls, real = [], reader.read_chunk_file
 
     def counted(path, k, array, **kw):
-        if kw.get("sha256") is not None:
+        if kw.get("digests") is not None:
             calls.append((array, k))
         return real(path, k, array, **kw)
 
@@ -109,12 +109,41 @@ def test_each_file_is_hashed_on_its_first_read_only(tmp_path, monkeypatch):
                                    for k in range(K))  # each file once
 
 
+def test_a_cache_without_xxh3_records_is_checked_by_sha256(tmp_path):
+    """Caches written before chunk records held XXH3-64 are still checked, by their SHA-256."""
+    from cache_schema import read_chunk_record, write_chunk_record
+
+    root = make(tmp_path / "cache")
+    for k in range(K):
+        record = read_chunk_record(root, k)
+        del record["xxh3"]
+        write_chunk_record(root, k, record)
+    flip_byte(clean_file(root, 1))
+    with ActivationLoader(root, 0, batch_size=32, window_chunks=K) as loader, \
+            pytest.raises(PipelineError, match=r"chunk 1 of clean/.*SHA-256.*pipeline verify"):
+        for _ in range(K * R // 32):
+            next(loader)
+
+
+def test_verify_checks_the_xxh3_record_too(tmp_path):
+    """A record whose XXH3-64 disagrees with the file (the loader's check) fails `verify` even
+    where its SHA-256 matches."""
+    from cache_schema import read_chunk_record, write_chunk_record
+
+    root = make(tmp_path / "cache")
+    record = read_chunk_record(root, 2)
+    name = activation_array("clean", hook_name(0))
+    record["xxh3"][name] = "0" * 16
+    write_chunk_record(root, 2, record)
+    assert any("chunk 2" in p and "XXH3-64" in p for p in verify(root)[1])
+
+
 def test_a_record_without_checksums_is_a_clear_error(tmp_path):
     from cache_schema import read_chunk_record, write_chunk_record
 
     root = make(tmp_path / "cache")
     record = read_chunk_record(root, 0)
-    record["checksums"] = "gone"
+    record["checksums"] = record["xxh3"] = "gone"
     write_chunk_record(root, 0, record)
     with ActivationLoader(root, 0, batch_size=32, window_chunks=K) as loader, \
             pytest.raises(PipelineError, match="record of chunk 0 has no checksum for"):

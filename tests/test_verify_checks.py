@@ -20,7 +20,7 @@ from cache_schema import (
     write_chunk_record,
     write_manifest,
 )
-from cache_schema.files import file_sha256
+from cache_schema.files import file_digests
 from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
 
@@ -66,7 +66,7 @@ def test_a_chunk_of_the_wrong_size_is_named_even_when_its_record_agrees(tmp_path
     f = chunk_file(root, name, 2, 1)
     f.write_bytes(f.read_bytes()[: -4 * D])  # one row short
     record = read_chunk_record(root, 1)
-    record["checksums"][name] = file_sha256(f)
+    record["checksums"][name], record["xxh3"][name] = file_digests(f, ("sha256", "xxh3")).values()
     write_chunk_record(root, 1, record)
     reseal(root)
     assert_problems(verify_cli(root), f"chunk 1: {name} has {(R - 1) * D * 4} bytes where "
@@ -110,7 +110,7 @@ def test_a_compressed_chunk_that_does_not_decode_is_named(tmp_path):
     f = chunk_file(root, name, 2, 3)
     f.write_bytes(b"not a zstd frame")
     record = read_chunk_record(root, 3)
-    record["checksums"][name] = file_sha256(f)
+    record["checksums"][name], record["xxh3"][name] = file_digests(f, ("sha256", "xxh3")).values()
     write_chunk_record(root, 3, record)
     reseal(root)
     assert_problems(verify_cli(root), f"chunk 3: {name} cannot be decoded")

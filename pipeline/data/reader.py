@@ -2,13 +2,13 @@
 when uncompressed (readinto, no decode, the GIL released), decompressed otherwise; or
 map it into a WindowMap slot (uncompressed only).
 
-Every chunk file is checked against its chunk record (size, and SHA-256 hashed while the bytes
-are read, in the calling read thread) the first time this reader reads it, before its rows can
-reach a batch (cache_schema/integrity.py; SPEC.md §8)."""
+Every chunk file is checked against its chunk record (size, and its XXH3-64, or SHA-256 in
+caches that record only that, hashed while the bytes are read, in the calling read thread) the
+first time this reader reads it, before its rows can reach a batch (cache_schema/integrity.py;
+SPEC.md §8)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from pathlib import Path
@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from cache_schema import TOKENS, CacheError, Manifest, array_specs, chunk_file, read_chunk_record
+from cache_schema.files import HASHES
 from cache_schema.integrity import (
     ChunkMismatch,
     checksum_mismatch,
     decompress,
     expected_file_bytes,
     read_chunk_file,
+    recorded_digests,
 )
 from pipeline.data.mapping import WindowMap
 from pipeline.errors import PipelineError
@@ -56,8 +58,9 @@ class ChunkReader:
             if self.log is not None:
                 self.log.append((array, k))
 
-    def _expected_sha(self, array: str, k: int) -> str | None:
-        """The recorded SHA-256 of this chunk file if it still has to be checked, else None."""
+    def _expected(self, array: str, k: int) -> dict[str, str] | None:
+        """The recorded digest ({algorithm: hex}) this chunk file must match if it still has to
+        be checked, else None: XXH3-64 where the record has it, SHA-256 otherwise."""
         if not self.verify or (array, k) in self._checked:
             return None
         with self._lock:
@@ -69,15 +72,15 @@ class ChunkReader:
                 raise PipelineError(f"{e}; run `pipeline verify`") from e
             with self._lock:
                 self._records[k] = record
-        sums = record.get("checksums") if isinstance(record, dict) else None
-        sha = sums.get(array) if isinstance(sums, dict) else None
-        if not isinstance(sha, str):
-            raise PipelineError(f"the record of chunk {k} has no checksum for {array}: the "
-                                "cache is corrupt; run `pipeline verify`")
-        return sha
+        for algorithm in ("xxh3", "sha256"):
+            found = recorded_digests(record, array, (algorithm,))
+            if found:
+                return found
+        raise PipelineError(f"the record of chunk {k} has no checksum for {array}: the "
+                            "cache is corrupt; run `pipeline verify`")
 
-    def _checked_ok(self, array: str, k: int, sha: str | None) -> None:
-        if sha is not None:
+    def _checked_ok(self, array: str, k: int, digests: dict[str, str] | None) -> None:
+        if digests is not None:
             with self._lock:
                 self._checked.add((array, k))
 
@@ -88,26 +91,26 @@ class ChunkReader:
         path = self._path(array, out.ndim, k)
         shape, dtype = self._specs[array]
         size = expected_file_bytes(self.m, shape, dtype)
-        sha = self._expected_sha(array, k)
+        digests = self._expected(array, k)
         view = memoryview(out.reshape(-1).view(np.uint8))
         try:
             if size is not None:  # uncompressed: straight into out
                 if size != out.nbytes:
                     raise ValueError(f"a buffer of {out.nbytes} bytes for {size}-byte chunks")
-                read_chunk_file(path, k, array, size=size, sha256=sha, out=view)
+                read_chunk_file(path, k, array, size=size, digests=digests, out=view)
             else:
-                frame = read_chunk_file(path, k, array, sha256=sha)
+                frame = read_chunk_file(path, k, array, digests=digests)
                 view[:] = decompress(self.m.codec, frame, k, array, path, len(view))
         except ChunkMismatch as e:
             raise PipelineError(str(e)) from e
-        self._checked_ok(array, k, sha)
+        self._checked_ok(array, k, digests)
 
     def map_into(self, window: WindowMap, slot: int, array: str, k: int) -> None:
         """Map chunk k of an uncompressed activation array into a slot of `window` (checked
         against its record on the first read, from the mapped pages)."""
         self._count(array, k)
         path = self._path(array, 2, k)
-        sha = self._expected_sha(array, k)
+        digests = self._expected(array, k)
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
@@ -116,12 +119,12 @@ class ChunkReader:
             raise PipelineError(str(ChunkMismatch(
                 k, array, path, f"has {size} bytes where {window.chunk_bytes} were expected")))
         window.place(slot, path)
-        if sha is not None:
-            found = hashlib.sha256(window.slot_view(slot)).hexdigest()
-            if found != sha:
-                raise PipelineError(str(ChunkMismatch(k, array, path,
-                                                      checksum_mismatch(found, sha))))
-        self._checked_ok(array, k, sha)
+        for algorithm, recorded in (digests or {}).items():
+            found = HASHES[algorithm](window.slot_view(slot)).hexdigest()
+            if found != recorded:
+                raise PipelineError(str(ChunkMismatch(
+                    k, array, path, checksum_mismatch(algorithm, found, recorded))))
+        self._checked_ok(array, k, digests)
 
     def tokens(self, k: int) -> np.ndarray:
         """Clean token ids of chunk k."""
