@@ -33,7 +33,7 @@ import numpy as np
 
 from cache_schema import activation_array, chunk_file, open_cache
 from cache_schema.synthetic import write_synthetic_cache
-from pipeline.data import ActivationLoader, background
+from pipeline.data import ActivationLoader
 
 
 def log(msg: str) -> None:
@@ -81,10 +81,9 @@ def fromfile(files: list[Path]) -> tuple[int, float]:
 def ours(cache: Path, batch_size: int, n_bytes: int, mapped: bool, verify: bool
          ) -> tuple[int, float]:
     """Our loader, from construction to the batch that covers n_bytes of activations."""
-    background.USE_MAPPING = mapped
     t = time.perf_counter()
     with ActivationLoader(cache, open_cache(cache).layers[0], batch_size=batch_size,
-                          keep_special=True, verify=verify) as loader:
+                          keep_special=True, verify=verify, mapped=mapped) as loader:
         total = 0
         while total < n_bytes:
             batch = next(loader)

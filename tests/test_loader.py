@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from cache_schema import (
     write_manifest,
 )
 from cache_schema.synthetic import write_synthetic_cache
+from pipeline import data
 from pipeline.data import ActivationLoader, background
 from pipeline.data import loader as loader_module
 from pipeline.errors import PipelineError
@@ -43,8 +45,10 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(params=["mapped", "read"])
 def path(request, monkeypatch):
-    """Run a test through both window kinds: memory-mapped chunk files and read buffers."""
-    monkeypatch.setattr(background, "USE_MAPPING", request.param == "mapped")
+    """Run a test through both window kinds: memory-mapped chunk files and read buffers (the
+    loaders this module builds take `mapped` from here)."""
+    loader = partial(data.ActivationLoader, mapped=request.param == "mapped")
+    monkeypatch.setitem(globals(), "ActivationLoader", loader)
     return request.param
 
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from cache_schema import TOKENS, activation_array, chunk_file, hook_name, verify
 from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
-from pipeline.data import ActivationLoader, background
+from pipeline.data import ActivationLoader
 from pipeline.errors import PipelineError
 
 R, CTX, D, K = 256, 32, 16, 4
@@ -59,13 +59,13 @@ def test_train_refuses_a_chunk_with_a_flipped_byte(tmp_path):
 
 @pytest.mark.parametrize("mapped", [False, True])
 @pytest.mark.parametrize("codec", ["none", "zstd"])
-def test_no_row_of_a_corrupt_chunk_reaches_a_batch(tmp_path, monkeypatch, codec, mapped):
-    monkeypatch.setattr(background, "USE_MAPPING", mapped)
+def test_no_row_of_a_corrupt_chunk_reaches_a_batch(tmp_path, codec, mapped):
     root = make(tmp_path / "cache", codec=codec)
     bad = clean_file(root, 1)
     flip_byte(bad, at=os.path.getsize(bad) - 3)  # a value, not the frame header
     seen = []
-    with ActivationLoader(root, 0, batch_size=32, window_chunks=1, seed=1) as loader, \
+    with ActivationLoader(root, 0, batch_size=32, window_chunks=1, seed=1, mapped=mapped
+                          ) as loader, \
             pytest.raises(PipelineError, match=r"chunk 1 of clean/.*XXH3-64.*pipeline verify"):
         for _ in range(4 * K * R // 32):
             seen.append(next(loader)[:, 0].clone())

@@ -30,9 +30,6 @@ WINDOW_SLOTS = 2
 """Window buffers: one served, one being read."""
 STAGING_SLOTS = 4
 """Host batch buffers: one (or two, on CUDA) with the consumer, the rest prepared ahead."""
-USE_MAPPING = False
-"""Map uncompressed chunk files where possible: off, see the module docstring (tests and
-bench_loader.py turn it on to compare)."""
 _POLL_S = 0.05
 
 
@@ -47,14 +44,15 @@ class BatchPipeline:
 
     def __init__(self, reader: ChunkReader, plan: RowPlan, start: Position, hook: str,
                  stream: str, mix_fraction: float, special: np.ndarray | None,
-                 batch_size: int, dtype: torch.dtype, pin: bool, n_threads: int):
+                 batch_size: int, dtype: torch.dtype, pin: bool, n_threads: int,
+                 mapped: bool = False):
         m = reader.m
         self.reader, self.plan, self.start, self.hook = reader, plan, start, hook
         self.stream, self.mix_fraction, self.special = stream, mix_fraction, special
         self.batch_size, self.n_threads = batch_size, n_threads
         R, D = m.rows_per_chunk, m.d_model
         chunk_bytes = R * D * dtype.itemsize
-        self.mapped = USE_MAPPING and m.codec == "none" and mapping_supported(chunk_bytes)
+        self.mapped = mapped and m.codec == "none" and mapping_supported(chunk_bytes)
         if self.mapped:
             np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
             self.maps = [WindowMap(plan.window_chunks, R, (D,), np_dtype)

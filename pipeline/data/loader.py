@@ -64,12 +64,14 @@ class ActivationLoader:
     `n_threads` chunks of a window are read at once (default: one per core, up to 4); `pin`
     forces pinned staging on or off
     (default: pinned iff device is CUDA and CUDA is available); `verify=False` skips the check of
-    each chunk file against its record (benchmarks only: corrupt bytes would be trained on).
+    each chunk file against its record (benchmarks only: corrupt bytes would be trained on);
+    `mapped=True` memory-maps uncompressed chunk files instead of reading them (benchmarks and
+    tests only: a file truncated under a mapping kills the process with SIGBUS).
 
     Host memory (`host_bytes`): 4 staging batches of batch_size x d_model x itemsize (pinned when
     the batches go to a GPU), plus 2 window buffers of window_chunks x rows_per_chunk x d_model
-    x itemsize that chunks are read into (none with background.USE_MAPPING, an opt-in: mapped
-    windows live in the page cache). On CUDA, also 3 device batches of the storage dtype.
+    x itemsize that chunks are read into (none with mapped=True: mapped windows live in the page
+    cache). On CUDA, also 3 device batches of the storage dtype.
     """
 
     def __init__(self, cache: str | Path, layer: int, stream: str = "clean",
@@ -77,7 +79,7 @@ class ActivationLoader:
                  window_chunks: int = 4, device: str | torch.device = "cpu",
                  keep_special: bool = False, holdout_chunks: int = 0,
                  mix_fraction: float = 0.5, n_threads: int | None = None, pin: bool | None = None,
-                 verify: bool = True):
+                 verify: bool = True, mapped: bool = False):
         self.root = local_cache(cache)  # a remote cache reads through a local mirror
         n_threads = default_read_threads() if n_threads is None else n_threads
         self.manifest: Manifest = open_cache(self.root)
@@ -106,7 +108,7 @@ class ActivationLoader:
         self._dtype = getattr(torch, read_dtype(m.storage_dtype))
         self._pipe = BatchPipeline(self.reader, self.plan, self.plan.locate(start_step * batch_size),
                                    self.hook, stream, mix_fraction, self._special, batch_size,
-                                   self._dtype, self.pin, n_threads)
+                                   self._dtype, self.pin, n_threads, mapped)
         self._finalizer = weakref.finalize(self, self._pipe.close)
         self._held: int | None = None
         self._error: PipelineError | None = None
