@@ -26,6 +26,7 @@ from cache_schema.store import (
     chunk_checksums,
     chunk_file,
     chunk_stats,
+    data_bytes,
     list_done_chunks,
     open_cache,
     read_chunk_record,
@@ -40,7 +41,7 @@ __all__ = [
     "CODECS", "IS_MASKED", "MASKED_TOKENS", "MASK_STRATEGIES", "SCHEMA_VERSION", "SEQ",
     "STATUS_COMPLETE", "STATUS_WRITING", "STORAGE_DTYPES", "STREAMS", "TOKENS", "CacheError",
     "ChunkMismatch", "Manifest", "activation_array", "aggregate_norm_stats", "array_specs",
-    "chunk_checksums", "chunk_file", "chunk_stats", "hook_name", "list_done_chunks",
+    "chunk_checksums", "chunk_file", "chunk_stats", "data_bytes", "hook_name", "list_done_chunks",
     "open_cache", "read_chunk_file", "read_chunk_record", "read_manifest", "records_digest",
     "remove_leftovers", "storage_dtype", "verify", "write_chunk_record", "write_manifest",
 ]

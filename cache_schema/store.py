@@ -44,6 +44,14 @@ def array_specs(m: Manifest) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return specs
 
 
+def data_bytes(n_tokens: int, d_model: int, n_hooks: int, storage: str) -> int:
+    """Bytes of every array of an uncompressed cache of n_tokens rows (array_specs' arrays; the
+    metadata and chunk records add well under 0.1%)."""
+    per_row = sum(np.dtype(dt).itemsize for dt in TOKEN_ARRAYS.values())
+    per_row += len(STREAMS) * n_hooks * d_model * storage_dtype(storage).itemsize
+    return n_tokens * per_row
+
+
 def chunk_file(root: str | Path, array: str, ndim: int, k: int) -> Path:
     """File of chunk k of an array (Zarr v3 default chunk key encoding, '/' separator)."""
     return Path(root, array, "c", str(k), *(["0"] * (ndim - 1)))

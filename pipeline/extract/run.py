@@ -21,6 +21,7 @@ from cache_schema import (
     Manifest,
     activation_array,
     chunk_stats,
+    data_bytes,
     hook_name,
     list_done_chunks,
     read_manifest,
@@ -36,6 +37,7 @@ from pipeline.extract.distributed import Workers, workers
 from pipeline.extract.masking import choose_mask_token, mask_sequences
 from pipeline.extract.output import lock_output, prepare_output, prepare_remote, uploader
 from pipeline.extract.writer import ChunkWriter, check_finite
+from pipeline.plan.estimate import check_space, human
 from pipeline.remote import is_remote, mirror
 
 
@@ -56,6 +58,8 @@ def plan(cfg: ExtractConfig) -> tuple[Manifest, np.ndarray, models.ModelSource, 
                             f"--context-length {positions} or less")
     if tok.bos_token_id is None:
         raise PipelineError(f"the tokenizer of {src.name} has no BOS token; sequences start with BOS")
+    if cfg.write and not is_remote(cfg.out):
+        _check_space(cfg, d_model)
     device = resolve_device(cfg.device)
     compute = cfg.compute_dtype
     if compute == "auto":
@@ -88,6 +92,16 @@ def plan(cfg: ExtractConfig) -> tuple[Manifest, np.ndarray, models.ModelSource, 
         corpus_fingerprint=_sha256(seqs),
     )
     return m, seqs, src, tok
+
+
+def _check_space(cfg: ExtractConfig, d_model: int) -> None:
+    """The pre-flight check: the chunks still to write must fit on the output's filesystem
+    (uncompressed size: a codec only shrinks them)."""
+    n_chunks = cfg.tokens // cfg.rows_per_chunk
+    todo = n_chunks - len([k for k in list_done_chunks(cfg.out) if k < n_chunks])
+    needed = data_bytes(todo * cfg.rows_per_chunk, d_model, len(cfg.layers), cfg.dtype)
+    check_space(cfg.out, needed, f"the cache ({todo} chunks of {cfg.rows_per_chunk} tokens x "
+                f"{len(cfg.layers)} layer(s) x 2 streams in {cfg.dtype})", cfg.force)
 
 
 def _sha256(a: np.ndarray) -> str:
@@ -163,11 +177,20 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
     handles = [blocks[layer].register_forward_hook(hook(layer)) for layer in m.layers]
     input_device = next(base.parameters()).device
     vocab_size = base.get_input_embeddings().weight.shape[0]
-    writer = ChunkWriter(out, m, on_chunk=uploader(out, m, remote)) if cfg.write else None
     seqs_per_chunk, bs, R = m.sequences_per_chunk, m.batch_size, m.rows_per_chunk
+    upload, chunk_bytes, written = uploader(out, m, remote), data_bytes(
+        R, m.d_model, len(m.hooks), m.storage_dtype), [0]
+
+    def on_chunk(k: int) -> None:  # in the writer thread, once chunk k is on disk
+        if upload is not None:
+            upload(k)
+        written[0] += chunk_bytes
+
+    writer = ChunkWriter(out, m, on_chunk=on_chunk) if cfg.write else None
     special = np.asarray(m.special_token_ids)
     bar = tqdm(total=len(todo) * R, unit="tok", unit_scale=True, desc="extract",
                disable=not progress, file=sys.stderr, smoothing=0.1)
+    total = human(len(todo) * chunk_bytes)
     try:
         for k in todo:
             clean = seqs[k * seqs_per_chunk:(k + 1) * seqs_per_chunk]
@@ -190,6 +213,8 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
                                      nrm[i], stored)
                         acts[hook_name(layer)][stream].append(stored)
                         norms[hook_name(layer)][stream].append(nrm[i])
+                if writer is not None:
+                    bar.set_postfix_str(f"{human(written[0])} of {total} written", refresh=False)
                 bar.update(n * m.context_length)
             if writer is None:
                 continue
