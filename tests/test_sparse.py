@@ -192,3 +192,41 @@ def test_batch_wide_topk_selects_what_torch_topk_selects(use_native, monkeypatch
     assert len(set((rows * 256 + latents).tolist())) == n  # no entry taken twice
     assert torch.all(rows[1:] >= rows[:-1])  # by row, as the code's offsets say
     torch.testing.assert_close(offsets, torch.searchsorted(rows, torch.arange(48)))
+
+
+def test_batch_wide_topk_never_sorts_the_whole_batch(monkeypatch):
+    """The path CUDA takes (no CPU kernel): every torch.topk it runs is far narrower than the
+    flat batch, and the result is still exact."""
+    from pipeline.sae import sparse
+
+    paths(monkeypatch, False)
+    widths, real = [], torch.Tensor.topk
+
+    def spy(self, *args, **kwargs):
+        widths.append(self.shape[-1])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "topk", spy)
+    pre = torch.randn(256, 4096, generator=torch.Generator().manual_seed(1))
+    n = 8 * 256
+    vals = sparse._per_batch(pre, n)[0]
+    monkeypatch.setattr(torch.Tensor, "topk", real)
+    assert max(widths) <= pre.numel() // 16
+    torch.testing.assert_close(vals.sort().values, pre.view(-1).topk(n).values.sort().values)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batch_wide_topk_on_cuda_stays_small():
+    """At 4096 x 32768, k 64 (the issue's shape): one torch.topk over the batch took ~4 GB of
+    temporaries; the grouped path needs a small multiple of the batch itself."""
+    from pipeline.sae.sparse import _per_batch
+
+    pre = torch.randn(4096, 32768, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    vals = _per_batch(pre, 64 * 4096)[0]
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < pre.numel() * pre.element_size()
+    ref = pre.view(-1).topk(64 * 4096).values
+    torch.testing.assert_close(vals.sort().values, torch.relu(ref).sort().values)

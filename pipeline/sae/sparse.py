@@ -50,28 +50,38 @@ def mean_l0(code: torch.Tensor | SparseCode) -> torch.Tensor:
     return (code > 0).sum(dtype=torch.int32).float() / len(code)  # latents are ReLU outputs
 
 
-def row_topk(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None, stride: int = 16
+def row_topk(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries of each row of pre + bias (bias: [width] or None), as values and
     indices (unordered), as torch.topk gives them. On CPU in float32: the C kernel of
     pipeline.sae.native, which adds the bias in the same pass (scripts/bench_kernels.py
-    measures it against the torch path below). Without the kernel, for wide rows: split each row
-    into `stride`-element groups of columns {g, g + G, g + 2G, ...} (G = width / stride; one
-    amax over a middle axis, contiguous and vectorised), take the k groups with the largest
-    maxima (the same way, recursively), and the k largest among their k * stride entries. Exact:
-    outside those k groups no entry exceeds the k-th largest group maximum, and the k groups
-    hold k entries at least that large. Elsewhere (CUDA, narrow rows, widths not divisible) it
-    is torch.topk."""
+    measures it against the torch paths); on CPU otherwise: grouped_topk; on CUDA: torch.topk
+    (a per-row radix select there)."""
     if native.usable(pre):
         return native.topk_rows(pre, k, bias)
     if bias is not None:
         pre = pre + bias
+    if pre.device.type != "cpu":
+        return pre.topk(k, dim=-1, sorted=False)
+    return grouped_topk(pre, k)
+
+
+def grouped_topk(pre: torch.Tensor, k: int, stride: int = 16
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(pre, k, sorted=False) on any device, for wide rows without sorting them: split
+    each row into `stride`-element groups of columns {g, g + G, g + 2G, ...} (G = width /
+    stride; one amax over a middle axis, contiguous and vectorised), take the k groups with the
+    largest maxima (the same way, recursively), and the k largest among their k * stride
+    entries. Exact: outside those k groups no entry exceeds the k-th largest group maximum, and
+    the k groups hold k entries at least that large. Narrow rows (width < 32 k) or widths not
+    divisible by stride: torch.topk. BatchTopK's batch-wide top-k (one row of B x d_sae) takes
+    it on CUDA too, where one torch.topk that wide sorts the whole batch."""
     b, width = pre.shape
-    if pre.device.type != "cpu" or width < 32 * k or width % stride:
+    if width < 32 * k or width % stride:
         return pre.topk(k, dim=-1, sorted=False)
     groups = width // stride
     by_group = pre.view(b, stride, groups)
-    best = row_topk(by_group.amax(1), k, stride=stride)[1]                    # [b, k] groups
+    best = grouped_topk(by_group.amax(1), k, stride)[1]                       # [b, k] groups
     cand = torch.gather(by_group, 2, best.unsqueeze(1).expand(b, stride, k))  # [b, stride, k]
     vals, at = cand.reshape(b, stride * k).topk(k, dim=-1, sorted=False)
     return vals, best.gather(1, at % k) + (at // k) * groups
@@ -87,10 +97,12 @@ def _per_row(top: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def _per_batch(pre: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     """(vals, latents, rows, offsets) of the n largest entries of the whole batch, by row.
-    The batch as one row through row_topk, not torch.topk over the flat batch, which runs on
-    one core."""
+    The batch as one row through the CPU kernel or grouped_topk, never one torch.topk over the
+    flat batch (one core on CPU; a full sort of B x d_sae on CUDA)."""
     b, d_sae = pre.shape
-    top, flat = (t[0] for t in row_topk(pre.view(1, -1), n))
+    flat_pre = pre.view(1, -1)
+    found = row_topk(flat_pre, n) if native.usable(pre) else grouped_topk(flat_pre, n)
+    top, flat = (t[0] for t in found)
     flat, order = flat.sort()
     rows = torch.div(flat, d_sae, rounding_mode="floor")
     offsets = torch.searchsorted(rows, torch.arange(b, device=pre.device))
