@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.errors import PipelineError
+
 
 @dataclass
 class Workers:
@@ -53,6 +55,24 @@ class Workers:
     def device(self, device: str) -> str:
         """One GPU per process: plain 'cuda' becomes cuda:LOCAL_RANK."""
         return f"cuda:{self.local_rank}" if self.world > 1 and device == "cuda" else device
+
+
+def check_launch(device: str, device_map: str | None) -> None:
+    """Refuse device settings that several launched processes cannot share: each process takes
+    its own GPU (cuda:LOCAL_RANK), so a fixed cuda:N would put every rank on one GPU, and
+    --device-map would spread every rank over all of them."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return
+    if device.startswith("cuda:"):
+        raise PipelineError(
+            f"--device {device} with {world} processes would put every process on that one GPU: "
+            "pass --device cuda (process r then uses cuda:LOCAL_RANK), or run one process")
+    if device_map is not None:
+        raise PipelineError(
+            f"--device-map {device_map} spreads one process over every GPU; with {world} "
+            "processes each would take all of them. Run one process with --device-map (a model "
+            "larger than one GPU), or several without it (one GPU each)")
 
 
 def workers(device: str) -> Workers:

@@ -33,7 +33,7 @@ from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.corpus import pack_sequences
-from pipeline.extract.distributed import Workers, workers
+from pipeline.extract.distributed import Workers, check_launch, workers
 from pipeline.extract.masking import choose_mask_token, mask_sequences
 from pipeline.extract.output import lock_output, prepare_output, prepare_remote, uploader
 from pipeline.extract.writer import ChunkWriter, check_finite
@@ -115,6 +115,7 @@ def _to_numpy(h: torch.Tensor, dtype: str) -> np.ndarray:
 
 def extract(cfg: ExtractConfig, progress: bool = True) -> Manifest:
     """Run the extraction (or resume it) and return the manifest of the finished cache."""
+    check_launch(cfg.device, cfg.device_map)
     m, seqs, src, _tok = plan(cfg)
     remote = mirror(cfg.out) if is_remote(cfg.out) else None
     out = remote.folder(m.cache_id) if remote else Path(cfg.out)
@@ -175,7 +176,7 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
         return fn
 
     handles = [blocks[layer].register_forward_hook(hook(layer)) for layer in m.layers]
-    input_device = next(base.parameters()).device
+    input_device = models.input_device(base)
     vocab_size = base.get_input_embeddings().weight.shape[0]
     seqs_per_chunk, bs, R = m.sequences_per_chunk, m.batch_size, m.rows_per_chunk
     upload, chunk_bytes, written = uploader(out, m, remote), data_bytes(

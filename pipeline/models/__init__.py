@@ -2,6 +2,7 @@
 
 from pipeline.models.load import (
     decoder_layers,
+    input_device,
     load_config,
     load_model_of,
     load_tokenizer,
@@ -20,7 +21,19 @@ from pipeline.models.source import (
 )
 
 __all__ = [
-    "DEFAULT_GGUF", "DEFAULT_NAME", "DEFAULT_PACKAGE", "ModelSource", "decoder_layers",
-    "file_digest", "folder_fingerprint", "load_config", "load_model_of", "load_tokenizer",
-    "load_truncated", "model_source_of", "resolve_model", "tokenizer_hash",
+    "DEFAULT_GGUF",
+    "DEFAULT_NAME",
+    "DEFAULT_PACKAGE",
+    "ModelSource",
+    "decoder_layers",
+    "file_digest",
+    "folder_fingerprint",
+    "input_device",
+    "load_config",
+    "load_model_of",
+    "load_tokenizer",
+    "load_truncated",
+    "model_source_of",
+    "resolve_model",
+    "tokenizer_hash",
 ]

@@ -72,6 +72,14 @@ def load_truncated(src: ModelSource, n_layers: int, dtype: torch.dtype, device: 
     return base
 
 
+def input_device(base) -> torch.device:
+    """Where input ids go: the embedding's device, or the CPU when accelerate has offloaded it
+    (its weights then sit on the meta device and a hook brings them in for each forward)."""
+    for p in base.get_input_embeddings().parameters():
+        return p.device if p.device.type != "meta" else torch.device("cpu")
+    return torch.device("cpu")
+
+
 def decoder_layers(base) -> torch.nn.ModuleList:
     """The list of transformer blocks of a decoder stack."""
     for attr in ("layers", "h", "blocks"):
