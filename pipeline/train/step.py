@@ -16,18 +16,20 @@ SUMS = ("loss", "mse", "fve", "l0", "steps", "nonfinite")
 
 
 def make_optimizer(sae: SAE, lr: float, betas: tuple[float, float], device: torch.device,
+                   capturable: bool = False,
                    ) -> tuple[torch.optim.Adam, torch.Tensor, dict[str, tuple[nn.Parameter, nn.Parameter]]]:
     """Adam whose learning rate is a device tensor (the schedule writes it inside the step).
 
-    Fused on every device: one pass per parameter. CUDA: also capturable (its state stays on
-    the device, so the graph can replay it). Adam sees each parameter as a contiguous tensor: a
-    column-major one (W_enc) through its transpose, a leaf over the same memory, because fused
-    Adam on CPU copies a non-contiguous parameter, its gradient and moments to contiguous
-    memory and back every step. Returns (optimizer, lr, {name: (parameter, what Adam sees)})."""
+    Fused on every device: one pass per parameter. `capturable` for CUDA graphs only (its
+    state stays on the device, so the graph can replay it; a cost when nothing is captured).
+    Adam sees each parameter as a contiguous tensor: a column-major one (W_enc) through its
+    transpose, a leaf over the same memory, because fused Adam on CPU copies a non-contiguous
+    parameter, its gradient and moments to contiguous memory and back every step.
+    Returns (optimizer, lr, {name: (parameter, what Adam sees)})."""
     lr_t = torch.tensor(lr, dtype=torch.float32, device=device)
     views = {name: (p, _contiguous_leaf(p)) for name, p in sae.named_parameters()}
     opt = torch.optim.Adam([q for _, q in views.values()], lr=lr_t, betas=betas, fused=True,
-                           capturable=device.type == "cuda")
+                           capturable=capturable and device.type == "cuda")
     return opt, lr_t, views
 
 
@@ -65,7 +67,7 @@ class TrainStep:
         self.scale = torch.tensor(scale, dtype=torch.float32, device=dev)
         if dev.type == "cpu":
             keep_freed_memory()
-        self.opt, self.lr_t, self.views = make_optimizer(sae, lr, betas, dev)
+        self.opt, self.lr_t, self.views = make_optimizer(sae, lr, betas, dev, use_graph)
         self.base_lr, self.grad_clip = lr, grad_clip
         self.total_steps, self.lr_warmup, self.lr_decay = total_steps, lr_warmup_steps, \
             lr_decay_fraction
@@ -141,21 +143,23 @@ class TrainStep:
         """The first steps run eagerly on a side stream (lazy state, cuBLAS workspaces), then the
         step is captured once; capturing executes nothing, so the captured step is replayed."""
         key = self.sae.graph_key()
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
         graph = None
-        with torch.cuda.stream(side):
-            self.sae.zero_grad(set_to_none=True)  # Adam's views take theirs in _step
-            if self.eager_steps.get(key, 0) < warmup:
-                self._step()
-                self.eager_steps[key] = self.eager_steps.get(key, 0) + 1
-            else:
-                graph = self.graphs[key] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+        with torch.cuda.device(self.device):  # the SAE's GPU, whichever is current
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.sae.zero_grad(set_to_none=True)  # Adam's views take theirs in _step
+                if self.eager_steps.get(key, 0) < warmup:
                     self._step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if graph is not None:
-            graph.replay()
+                    self.eager_steps[key] = self.eager_steps.get(key, 0) + 1
+                else:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, stream=side):
+                        self._step()
+                    self.graphs[key] = graph  # only once captured: a failed capture is retried
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if graph is not None:
+                graph.replay()
 
     def take_sums(self) -> dict[str, float]:
         """Host copy of the metric sums since the last call, then reset them (one sync)."""

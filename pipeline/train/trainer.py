@@ -258,7 +258,7 @@ def _finish(cfg: TrainConfig, run_dir: Path, sae: SAE, scale: float, manifest, l
         "stream": cfg.stream, "training_tokens": total * cfg.batch_size,
         "norm_scale": scale, "train_config": cfg.identity(),
     }
-    hashes = save_saelens(run_dir, sae.cpu(), scale, metadata)
+    hashes = save_saelens(run_dir, sae, scale, metadata)  # a CPU copy; the SAE stays put
     ckpt.audit(run_dir, total, [run_dir / name for name in hashes])
     plot = plot_training(run_dir)
     summary = {"run": str(run_dir), "steps": total, "tokens": total * cfg.batch_size,
@@ -266,7 +266,7 @@ def _finish(cfg: TrainConfig, run_dir: Path, sae: SAE, scale: float, manifest, l
                "cache_id": manifest.cache_id, "norm_scale": scale, "files": hashes,
                "plot": str(plot) if plot else None}
     if cfg.holdout_chunks:
-        metrics, _ = reconstruction_metrics(sae, (x.cpu() * scale for x in loader.holdout()))
+        metrics, _ = reconstruction_metrics(sae, (x * scale for x in loader.holdout()))
         summary["holdout"] = metrics  # in the training (scaled) space
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return summary
