@@ -120,6 +120,12 @@ class Manifest:
     def sequences_per_chunk(self) -> int:
         return self.rows_per_chunk // self.context_length
 
+    @property
+    def chunks_per_batch(self) -> int:
+        """Chunks one forward batch spans (SPEC.md §3): 1 unless batch_size exceeds the
+        sequences per chunk."""
+        return max(1, self.batch_size // self.sequences_per_chunk)
+
     def identity(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for k in self.NON_IDENTITY_FIELDS:

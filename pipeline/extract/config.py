@@ -76,6 +76,14 @@ class ExtractConfig:
             problems.append(
                 f"rows per chunk ({self.rows_per_chunk}) must be a positive multiple of the "
                 f"context length ({self.context_length}) so that chunks hold whole sequences")
+        elif (self.batch_size > self.rows_per_chunk // self.context_length
+              and self.batch_size % (self.rows_per_chunk // self.context_length)):
+            spc = self.rows_per_chunk // self.context_length
+            problems.append(
+                f"batch size {self.batch_size} spans chunks of {spc} sequences but is not a "
+                f"multiple of {spc}: a forward batch larger than a chunk must be whole chunks "
+                f"(use --batch-size {self.batch_size // spc * spc} or "
+                f"{(self.batch_size // spc + 1) * spc})")
         elif self.tokens < self.rows_per_chunk:
             problems.append(
                 f"token budget {self.tokens} is below one chunk ({self.rows_per_chunk} rows): "

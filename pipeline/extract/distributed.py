@@ -1,5 +1,6 @@
 """Several extraction processes on one cache (launched by `torchrun` or `accelerate launch`):
-process r of N takes the chunks k with k % N == r. Rank 0 takes the cache's writer lock and
+process r of N takes the chunks k with (k // chunks_per_batch) % N == r (chunks_per_batch is 1
+unless a forward batch spans chunks). Rank 0 takes the cache's writer lock and
 creates (or checks) the cache, a barrier releases the others; once every rank has passed a
 barrier at the end, rank 0 marks the cache complete (finalize) and only then lets the lock go, so
 the ranks of one job never lock each other out and no other job can start in between. A killed
@@ -28,8 +29,10 @@ class Workers:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def mine(self, chunks: list[int]) -> list[int]:
-        return [k for k in chunks if k % self.world == self.rank]
+    def mine(self, chunks: list[int], per_batch: int = 1) -> list[int]:
+        """This process's chunks: groups of `per_batch` chunks (one forward batch) dealt round
+        robin, so no batch is computed by two processes."""
+        return [k for k in chunks if (k // per_batch) % self.world == self.rank]
 
     def from_main(self, text: str | None) -> str | None:
         """Rank 0's message (or None), on every process; a barrier too. Sent as bytes in

@@ -34,6 +34,7 @@ from pipeline.errors import PipelineError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.corpus import pack_sequences
 from pipeline.extract.distributed import Workers, check_launch, workers
+from pipeline.extract.forward import Forward
 from pipeline.extract.masking import choose_mask_token, mask_sequences
 from pipeline.extract.output import lock_output, prepare_output, prepare_remote, uploader
 from pipeline.extract.writer import ChunkWriter, check_finite
@@ -147,7 +148,7 @@ def _extract_locked(cfg, m: Manifest, seqs, src, out: Path, team: Workers, remot
     if remote is not None and not team.is_main:
         remote.pull_metadata()
     done = set(list_done_chunks(out)) if cfg.write else set()
-    todo = team.mine([k for k in range(m.n_chunks) if k not in done])
+    todo = team.mine([k for k in range(m.n_chunks) if k not in done], m.chunks_per_batch)
     if todo:
         where = f" (process {team.rank} of {team.world})" if team.world > 1 else ""
         print(f"cache {m.cache_id}: {m.n_chunks} chunks of {m.rows_per_chunk} tokens, "
@@ -164,21 +165,16 @@ def _extract_locked(cfg, m: Manifest, seqs, src, out: Path, team: Workers, remot
 
 def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progress: bool,
                 team: Workers, remote=None) -> None:
+    """Compute and write the chunks in `todo`. Forward batches follow SPEC.md §3: within a
+    chunk, or, for a batch_size above the sequences per chunk, whole groups of
+    m.chunks_per_batch chunks; a group with any chunk to do is computed whole."""
     device = team.device(resolve_device(cfg.device))
     base = models.load_truncated(src, max(m.layers) + 1, getattr(torch, m.compute_dtype), device,
                                  cfg.device_map, cfg.trust_remote_code)
-    blocks = models.decoder_layers(base)
-    captured: dict[int, torch.Tensor] = {}
-
-    def hook(layer):
-        def fn(_module, _inputs, output):
-            captured[layer] = output[0] if isinstance(output, tuple) else output
-        return fn
-
-    handles = [blocks[layer].register_forward_hook(hook(layer)) for layer in m.layers]
-    input_device = models.input_device(base)
+    forward = Forward(base, m.layers, m.storage_dtype)
     vocab_size = base.get_input_embeddings().weight.shape[0]
-    seqs_per_chunk, bs, R = m.sequences_per_chunk, m.batch_size, m.rows_per_chunk
+    spc, R, L, c = m.sequences_per_chunk, m.rows_per_chunk, m.context_length, m.chunks_per_batch
+    groups = sorted({k // c for k in todo})
     upload, chunk_bytes, written = uploader(out, m, remote), data_bytes(
         R, m.d_model, len(m.hooks), m.storage_dtype), [0]
 
@@ -188,46 +184,34 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
         written[0] += chunk_bytes
 
     writer = ChunkWriter(out, m, on_chunk=on_chunk) if cfg.write else None
-    special = np.asarray(m.special_token_ids)
-    bar = tqdm(total=len(todo) * R, unit="tok", unit_scale=True, desc="extract",
-               disable=not progress, file=sys.stderr, smoothing=0.1)
+    rows = sum(min(c, m.n_chunks - g * c) for g in groups) * R
+    bar = tqdm(total=rows, unit="tok", unit_scale=True, desc="extract", disable=not progress,
+               file=sys.stderr, smoothing=0.1)
     total = human(len(todo) * chunk_bytes)
-    try:
-        for k in todo:
-            clean = seqs[k * seqs_per_chunk:(k + 1) * seqs_per_chunk]
+
+    def batches():
+        for g in groups:
+            first, n_seq = g * c * spc, min(c, m.n_chunks - g * c) * spc
+            clean = seqs[first:first + n_seq]
             masked, is_masked = mask_sequences(
-                clean, k * seqs_per_chunk, m.mask_rate, m.mask_strategy, m.mask_token_id, m.mask_seed,
+                clean, first, m.mask_rate, m.mask_strategy, m.mask_token_id, m.mask_seed,
                 m.special_token_ids, vocab_size)
-            acts = {hook_name(layer): {s: [] for s in STREAMS} for layer in m.layers}
-            norms = {hook_name(layer): {s: [] for s in STREAMS} for layer in m.layers}
-            for b in range(0, seqs_per_chunk, bs):
-                n = min(bs, seqs_per_chunk - b)
-                ids = torch.from_numpy(np.concatenate([clean[b:b + n], masked[b:b + n]]))
-                with torch.inference_mode():
-                    base(input_ids=ids.to(input_device, dtype=torch.long), use_cache=False)
-                for layer in m.layers:
-                    h = captured.pop(layer).reshape(2, n * m.context_length, m.d_model)
-                    nrm = h.float().norm(dim=-1).cpu().numpy()
-                    for i, stream in enumerate(STREAMS):
-                        stored = _to_numpy(h[i], m.storage_dtype)
-                        check_finite(m, k, b * m.context_length, hook_name(layer), stream,
-                                     nrm[i], stored)
-                        acts[hook_name(layer)][stream].append(stored)
-                        norms[hook_name(layer)][stream].append(nrm[i])
-                if writer is not None:
-                    bar.set_postfix_str(f"{human(written[0])} of {total} written", refresh=False)
-                bar.update(n * m.context_length)
-            if writer is None:
-                continue
-            data = {TOKENS: clean.reshape(-1), MASKED_TOKENS: masked.reshape(-1),
-                    IS_MASKED: is_masked.reshape(-1),
-                    SEQ: np.repeat(np.arange(k * seqs_per_chunk, (k + 1) * seqs_per_chunk, dtype=np.int32),
-                                   m.context_length)}
-            for hook_name_, streams in acts.items():
-                for stream, parts in streams.items():
-                    data[activation_array(stream, hook_name_)] = np.concatenate(parts)
-            flat_norms = {h: {s: np.concatenate(v) for s, v in st.items()} for h, st in norms.items()}
-            writer.submit(k, data, chunk_stats(flat_norms, np.isin(clean.reshape(-1), special)))
+            group = _Group(g * c, clean, masked, is_masked, m)
+            for b in range(0, n_seq, m.batch_size):
+                n = min(m.batch_size, n_seq - b)
+                ids = np.concatenate([clean[b:b + n], masked[b:b + n]])
+                yield (group, b * L, b + n == n_seq), ids
+
+    try:
+        for result in forward.run(batches()):
+            group, row, last = result.tag
+            group.fill(row, result)
+            bar.update(result.norms[m.layers[0]].shape[1])
+            if writer is not None:
+                bar.set_postfix_str(f"{human(written[0])} of {total} written", refresh=False)
+            if last and writer is not None:
+                for k, data, stats in group.chunks(set(todo)):
+                    writer.submit(k, data, stats)
         if writer is not None:
             writer, w = None, writer
             w.close()
@@ -238,5 +222,47 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
             except Exception as e:  # the compute error is the one to report
                 print(f"warning: {e}", file=sys.stderr)
         bar.close()
-        for h in handles:
-            h.remove()
+        forward.close()
+
+
+class _Group:
+    """The sequences of consecutive chunks computed together, and their results as they come."""
+
+    def __init__(self, first_chunk: int, clean, masked, is_masked, m: Manifest):
+        self.first, self.clean, self.masked, self.is_masked, self.m = \
+            first_chunk, clean, masked, is_masked, m
+        n_rows = clean.size
+        self.acts = {layer: np.empty((len(STREAMS), n_rows, m.d_model),
+                                     dtype=storage_dtype(m.storage_dtype)) for layer in m.layers}
+        self.norms = {layer: np.empty((len(STREAMS), n_rows), dtype=np.float32)
+                      for layer in m.layers}
+
+    def fill(self, row: int, result) -> None:
+        for layer in self.m.layers:
+            n = result.norms[layer].shape[1]
+            self.acts[layer][:, row:row + n] = result.acts[layer]
+            self.norms[layer][:, row:row + n] = result.norms[layer]
+
+    def chunks(self, todo: set[int]):
+        """(k, arrays, stats) of each chunk of the group still to write, checked finite."""
+        m, R, spc = self.m, self.m.rows_per_chunk, self.m.sequences_per_chunk
+        special = np.asarray(m.special_token_ids)
+        for j in range(len(self.clean) // spc):
+            k = self.first + j
+            if k not in todo:
+                continue
+            rows, seqs = slice(j * R, (j + 1) * R), slice(j * spc, (j + 1) * spc)
+            clean = self.clean[seqs].reshape(-1)
+            data = {TOKENS: clean, MASKED_TOKENS: self.masked[seqs].reshape(-1),
+                    IS_MASKED: self.is_masked[seqs].reshape(-1),
+                    SEQ: np.repeat(np.arange(k * spc, (k + 1) * spc, dtype=np.int32),
+                                   m.context_length)}
+            norms = {}
+            for layer in m.layers:
+                hook = hook_name(layer)
+                for i, stream in enumerate(STREAMS):
+                    acts, nrm = self.acts[layer][i, rows], self.norms[layer][i, rows]
+                    check_finite(m, k, 0, hook, stream, nrm, acts)
+                    data[activation_array(stream, hook)] = acts
+                    norms.setdefault(hook, {})[stream] = nrm
+            yield k, data, chunk_stats(norms, np.isin(clean, special))
