@@ -153,8 +153,8 @@ def shape_section(d_sae: int, steps: int, device: torch.device, graph: bool,
 def baseline_runs(batches: list[torch.Tensor], d_sae: int, k: int, steps: int,
                   device: torch.device = torch.device("cpu"),
                   names: tuple[str, ...] = BASELINES) -> dict:
-    """SAELens and sparsify on the same batches, each skipped (with the reason) if missing.
-    On CUDA sparsify takes its Triton decoder; SAELens is timed on CPU only."""
+    """SAELens and sparsify on the same batches, each skipped (with the reason) if missing or
+    failing. On CUDA sparsify takes its Triton decoder; SAELens is timed on CPU only."""
     try:
         import baselines  # scripts/baselines.py; the libraries themselves are imported on use
     except ImportError as e:
@@ -176,6 +176,9 @@ def baseline_runs(batches: list[torch.Tensor], d_sae: int, k: int, steps: int,
             out[f"{name}_steps_per_s"] = runs[name]()
         except ImportError as e:
             out[name] = f"skipped: {e} (pip install -e .[compare])"
+            continue
+        except Exception as e:  # a baseline that breaks (a Triton build, say) leaves ours standing
+            out[name] = f"failed: {type(e).__name__}: {e}"
             continue
         if cuda and name.startswith("sparsify"):
             out["sparsify_decoder"] = baselines.sparsify_decoder()

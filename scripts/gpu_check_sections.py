@@ -99,22 +99,30 @@ def graph_section(device: torch.device, sizes: dict) -> dict:
 
 
 def train_section(device: torch.device, sizes: dict) -> dict:
-    """bench_train's shape section at each d_sae, with sparsify as the only baseline."""
+    """bench_train's shape section at each d_sae, with sparsify as the only baseline. A shape
+    that fails (out of memory at the larger d_sae, say) is reported beside the others."""
     graph = device.type == "cuda"
     shapes = []
     for d_sae in sizes["d_saes"]:
-        shapes.append(shape_section(d_sae, sizes["steps"], device, graph, dense_up_to=0,
-                                    d_in=sizes["d_in"], batch=sizes["batch"], k=sizes["k"],
-                                    baselines=("sparsify_topk",)))
+        try:
+            shapes.append(shape_section(d_sae, sizes["steps"], device, graph, dense_up_to=0,
+                                        d_in=sizes["d_in"], batch=sizes["batch"], k=sizes["k"],
+                                        baselines=("sparsify_topk",)))
+        except Exception as e:
+            shapes.append({"d_sae": d_sae, "error": f"{type(e).__name__}: {e}"})
         free(device)
-    out: dict = {"graph": graph, "shapes": shapes, "measured": {
-        "dense_steps_per_s": shapes[0]["ours_relu_steps_per_s"]}}
+    out: dict = {"graph": graph, "shapes": shapes, "measured": {}}
+    failed = [s for s in shapes if "error" in s]
+    if failed:
+        out["error"] = "; ".join(f"d_sae {s['d_sae']}: {s['error']}" for s in failed)
+    if "ours_relu_steps_per_s" in shapes[0]:
+        out["measured"]["dense_steps_per_s"] = shapes[0]["ours_relu_steps_per_s"]
     ratios = [s.get("topk_sparse_vs_sparsify") for s in shapes]
     if all(r is not None for r in ratios):
         out["measured"]["topk_vs_sparsify"] = min(ratios)  # every shape must reach it
-    else:
-        out["measured_note"] = {"topk_vs_sparsify": "sparsify is not importable here: "
-                                + str(shapes[0].get("sparsify_topk", "absent"))}
+    elif not failed:
+        out["measured_note"] = {"topk_vs_sparsify": "sparsify absent or failing: "
+                                + str(shapes[0].get("sparsify_topk", "not run"))}
     return out
 
 
