@@ -32,7 +32,13 @@ from pathlib import Path
 
 import torch
 from gpu_check_extract import extract_section
-from gpu_check_sections import graph_section, loader_section, tests_section, train_section
+from gpu_check_sections import (
+    cuda_test_command,
+    graph_section,
+    loader_section,
+    tests_section,
+    train_section,
+)
 from timing import log
 
 GPU = {
@@ -186,7 +192,8 @@ def main() -> int:
     sections: dict = {}
     for name in names:
         if args.dry_run and name == "tests":
-            sections[name] = {"skipped": "--dry-run: the CUDA tests need a GPU (on CPU they skip)"}
+            sections[name] = {"skipped": "--dry-run: the CUDA tests need a GPU (on CPU they skip)",
+                              "command": " ".join(cuda_test_command()[2:])}
             continue
         left = args.budget - (time.perf_counter() - start)
         if left < 1:

@@ -21,9 +21,6 @@ from cache_schema.synthetic import write_synthetic_cache
 from pipeline.data import ActivationLoader
 
 ROOT = Path(__file__).resolve().parent.parent
-CUDA_TEST_FILES = ("tests/test_sae.py", "tests/test_sparse.py", "tests/test_train.py",
-                   "tests/test_loader.py")
-"""The test files with CUDA cases (each named *cuda*, skipped without CUDA)."""
 
 
 def free(device: torch.device) -> None:
@@ -33,10 +30,18 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def cuda_test_command() -> list[str]:
+    """pytest -k cuda over the test files that use torch.cuda, found when run so that new CUDA
+    tests are picked up; no -x, so every failure is counted."""
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                   if "torch.cuda" in p.read_text())
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", "-k", "cuda",
+            *files]
+
+
 def tests_section(device: torch.device, sizes: dict) -> dict:
-    """pytest -k cuda over CUDA_TEST_FILES in a child process. No -x: every failure counts."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", "-k", "cuda",
-           *CUDA_TEST_FILES]
+    """The CUDA tests in a child process: counts of passed, failed, errors and skipped."""
+    cmd = cuda_test_command()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     lines = [line for line in r.stdout.splitlines() if line.strip()]
     summary = lines[-1] if lines else ""

@@ -45,7 +45,9 @@ def test_dry_run_measures_every_section_and_judges_every_target(tmp_path):
     report = json.loads(r.stdout)
     assert json.loads(out.read_text()) == report
     assert report["dry_run"] and report["device"] == "cpu" and report["errors"] == []
-    assert "skipped" in report["sections"]["tests"]
+    tests = report["sections"]["tests"]
+    assert "skipped" in tests and "-k cuda" in tests["command"]
+    assert "tests/test_train.py" in tests["command"].split()  # files found by their torch.cuda
     for name in MEASURED:
         section = report["sections"][name]
         assert "error" not in section, section
