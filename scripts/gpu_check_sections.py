@@ -32,9 +32,10 @@ def free(device: torch.device) -> None:
 
 def cuda_test_command() -> list[str]:
     """pytest -k cuda over the test files that use torch.cuda, found when run so that new CUDA
-    tests are picked up; no -x, so every failure is counted."""
+    tests are picked up (not this check's own test, which runs this script); no -x, so every
+    failure is counted."""
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
-                   if "torch.cuda" in p.read_text())
+                   if "torch.cuda" in p.read_text() and p.name != "test_gpu_check.py")
     return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", "-k", "cuda",
             *files]
 

@@ -47,7 +47,8 @@ def test_dry_run_measures_every_section_and_judges_every_target(tmp_path):
     assert report["dry_run"] and report["device"] == "cpu" and report["errors"] == []
     tests = report["sections"]["tests"]
     assert "skipped" in tests and "-k cuda" in tests["command"]
-    assert "tests/test_train.py" in tests["command"].split()  # files found by their torch.cuda
+    files = tests["command"].split()
+    assert "tests/test_train.py" in files and "tests/test_gpu_check.py" not in files
     for name in MEASURED:
         section = report["sections"][name]
         assert "error" not in section, section
