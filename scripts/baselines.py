@@ -76,7 +76,8 @@ def saelens_steps_per_s(batches: list[torch.Tensor], d_sae: int, arch: str, k: i
 
 
 def sparsify_steps_per_s(batches: list[torch.Tensor], d_sae: int, k: int, steps: int, warmup: int = 2,
-                         auxk_alpha: float = 1 / 32) -> float:
+                         auxk_alpha: float = 1 / 32, device: str | torch.device = "cpu",
+                         triton: bool = False) -> float:
     """Steps/s of sparsify's ``SparseCoder`` (TopK, k) stepped the way ``Trainer.fit`` steps it.
 
     Per step, as in sparsify 1.3.3 ``trainer.py`` with ``loss_fn="fvu"``: on the first step only,
@@ -87,26 +88,32 @@ def sparsify_steps_per_s(batches: list[torch.Tensor], d_sae: int, k: int, steps:
     (``ScheduleFreeWrapper(SignSGD, momentum=0.95)`` at its default LR, no LR scheduler); zero_grad;
     the did-fire / tokens-since-fired update; ``float(fvu)`` for its running log. ``auxk_alpha``
     defaults to 1/32 (1.3.3's own default is 0, which passes no dead mask at all). Eager decoder
-    (``SPARSIFY_DISABLE_TRITON=1``). Timed with ``perf_counter`` over ``steps`` steps after ``warmup``.
+    (``SPARSIFY_DISABLE_TRITON=1``) unless ``triton`` (CUDA; sparsify chooses at its import, so the
+    first call in a process decides: see ``sparsify_decoder``). On `device`, with the batches
+    moved there. Timed with ``perf_counter`` over ``steps`` steps after ``warmup``, the device
+    synchronised at both ends.
     """
-    os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
+    if not triton:
+        os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
     with contextlib.redirect_stdout(sys.stderr):  # sparsify prints its decoder choice on import
         from schedulefree import ScheduleFreeWrapper
         from sparsify import SparseCoder, SparseCoderConfig
         from sparsify.config import TrainConfig
         from sparsify.sign_sgd import SignSGD
 
+    device = torch.device(device)
+    batches = [b.to(device) for b in batches]
     batch_size, d_in = batches[0].shape
     cfg = TrainConfig(SparseCoderConfig(num_latents=d_sae, k=k), loss_fn="fvu", optimizer="signum",
                       auxk_alpha=auxk_alpha)
     torch.manual_seed(0)
-    sae = SparseCoder(d_in, cfg.sae, "cpu", dtype=torch.float32)
+    sae = SparseCoder(d_in, cfg.sae, device, dtype=torch.float32)
     opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(),
                                             lr=cfg.lr or 5e-3 / (sae.num_latents / 2**14) ** 0.5)]),
                               momentum=0.95)
     opt.train()
-    num_tokens_since_fired = torch.zeros(sae.num_latents, dtype=torch.long)
-    did_fire = torch.zeros(sae.num_latents, dtype=torch.bool)
+    num_tokens_since_fired = torch.zeros(sae.num_latents, dtype=torch.long, device=device)
+    did_fire = torch.zeros(sae.num_latents, dtype=torch.bool, device=device)
     avg_fvu = 0.0
 
     def step(i: int) -> None:
@@ -131,7 +138,22 @@ def sparsify_steps_per_s(batches: list[torch.Tensor], d_sae: int, k: int, steps:
 
     for i in range(warmup):
         step(i)
+    _sync(device)
     start = time.perf_counter()
     for i in range(warmup, warmup + steps):
         step(i)
+    _sync(device)
     return steps / (time.perf_counter() - start)
+
+
+def sparsify_decoder() -> str:
+    """The sparse decoder sparsify chose at its import: triton_decode or eager_decode."""
+    from sparsify import utils
+
+    impl = utils.decoder_impl
+    return getattr(impl, "__name__", type(impl).__name__)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

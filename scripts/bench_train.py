@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import log, matmul_bounds, matmul_peak, time_steps  # scripts/timing.py
 from torch import nn
 
 from cache_schema.synthetic import write_synthetic_cache
@@ -34,27 +33,6 @@ from pipeline.data import ActivationLoader
 from pipeline.sae import build_sae, sae_config
 from pipeline.train.memory import keep_freed_memory
 from pipeline.train.step import TrainStep
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(fn, steps: int, device: torch.device, warmup: int = 3) -> float:
-    """Steps per second of fn() after a warm-up."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync(device)
-    return steps / (time.perf_counter() - t)
 
 
 def our_step(d_in: int, d_sae: int, batch: int, device: torch.device, graph: bool,
@@ -126,61 +104,16 @@ def article_loop(rows: torch.Tensor, d_sae: int, batch: int, steps: int,
     return time_steps(one, steps, device)
 
 
-def matmul_peak(device: torch.device, n: int = 8192, reps: int = 20) -> float:
-    """FLOP/s of a large float32 matmul (TF32 allowed as in training) on this device."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t)
-
-
-def time_matmuls(fns, reps: int, device: torch.device) -> float:
-    """Seconds for one call of each fn in turn: the fastest of `reps` rounds after a warm-up
-    one. A bound is what the matmuls can do, so the best round (a slow round on a shared
-    2-core machine once put the bound at 0.6 of itself); our steps are timed as means."""
-    best = float("inf")
-    for r in range(reps + 1):
-        sync(device)
-        t = time.perf_counter()
-        for f in fns:
-            f()
-        sync(device)
-        if r:
-            best = min(best, time.perf_counter() - t)
-    return best
-
-
-def matmul_bounds(d_in: int, d_sae: int, batch: int, device: torch.device) -> dict:
-    """Seconds of the five matmuls of a dense step (x W_enc, z W_dec; backward: dz = g W_dec^T,
-    dW_dec = z^T g, dW_enc = x^T dpre) and of the encoder matmul alone, at these shapes, each
-    written into a preallocated output: the arithmetic alone (a new [batch, d_sae] output
-    would add its page faults, 1.2 GB of them at d_sae 73728, to the bound)."""
-    x, g = torch.randn(batch, d_in, device=device), torch.randn(batch, d_in, device=device)
-    w_enc = torch.randn(d_in, d_sae, device=device)
-    w_dec = torch.randn(d_sae, d_in, device=device)
-    z = torch.randn(batch, d_sae, device=device)
-    wide, narrow = torch.empty_like(z), torch.empty_like(x)
-    five = time_matmuls([lambda: torch.mm(x, w_enc, out=wide),
-                         lambda: torch.mm(z, w_dec, out=narrow),
-                         lambda: torch.mm(g, w_dec.t(), out=wide),
-                         lambda: torch.mm(z.t(), g, out=w_dec),
-                         lambda: torch.mm(x.t(), z, out=w_enc)], 2, device)
-    encoder = time_matmuls([lambda: torch.mm(x, w_enc, out=wide)], 3, device)
-    return {"five_matmuls_s": five, "encoder_matmul_s": encoder,
-            "dense_bound_steps_per_s": 1 / five, "encoder_bound_steps_per_s": 1 / encoder}
+BASELINES = ("saelens_standard", "saelens_topk", "sparsify_topk")
 
 
 def shape_section(d_sae: int, steps: int, device: torch.device, graph: bool,
-                  dense_up_to: int, d_in: int = 576, batch: int = 4096, k: int = 32) -> dict:
+                  dense_up_to: int, d_in: int = 576, batch: int = 4096, k: int = 32,
+                  baselines: tuple[str, ...] = BASELINES) -> dict:
     log(f"(d) d_in {d_in}, d_sae {d_sae}, batch {batch}, k {k}")
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randn(batch, d_in, generator=gen) for _ in range(4)]
+    # on the device already: a host batch would add its copy to every step timed
+    batches = [torch.randn(batch, d_in, generator=gen).to(device) for _ in range(4)]
     out: dict = {"d_sae": d_sae, **matmul_bounds(d_in, d_sae, batch, device)}
     runs = [("relu", "relu", True), ("topk_sparse", "topk", True),
             ("batchtopk_sparse", "batchtopk", True)]
@@ -197,9 +130,12 @@ def shape_section(d_sae: int, steps: int, device: torch.device, graph: bool,
             step.load(batches[next(it) % len(batches)])
             step.run()
 
-        out[f"ours_{name}_steps_per_s"] = time_steps(one, steps, device, warmup=2)
-        del sae, step
-    out.update(baseline_runs(batches, d_sae, k, steps))
+        # a graphed step runs 3 eager steps, then is captured on the 4th: time replays only
+        out[f"ours_{name}_steps_per_s"] = time_steps(one, steps, device, warmup=5 if graph else 2)
+        del sae, step, one
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out.update(baseline_runs(batches, d_sae, k, steps, device, baselines))
     ours = out["ours_topk_sparse_steps_per_s"]
     out["topk_sparse_vs_encoder_bound"] = ours / out["encoder_bound_steps_per_s"]
     out["relu_vs_dense_bound"] = out["ours_relu_steps_per_s"] / out["dense_bound_steps_per_s"]
@@ -214,24 +150,38 @@ def shape_section(d_sae: int, steps: int, device: torch.device, graph: bool,
     return out
 
 
-def baseline_runs(batches: list[torch.Tensor], d_sae: int, k: int, steps: int) -> dict:
-    """SAELens and sparsify on the same batches, each skipped (with the reason) if missing."""
+def baseline_runs(batches: list[torch.Tensor], d_sae: int, k: int, steps: int,
+                  device: torch.device = torch.device("cpu"),
+                  names: tuple[str, ...] = BASELINES) -> dict:
+    """SAELens and sparsify on the same batches, each skipped (with the reason) if missing or
+    failing. On CUDA sparsify takes its Triton decoder; SAELens is timed on CPU only."""
     try:
         import baselines  # scripts/baselines.py; the libraries themselves are imported on use
     except ImportError as e:
         return {"baselines": f"skipped: {e}"}
+    cuda = device.type == "cuda"
     runs = {"saelens_standard": lambda: baselines.saelens_steps_per_s(batches, d_sae, "standard",
                                                                       k, steps),
             "saelens_topk": lambda: baselines.saelens_steps_per_s(batches, d_sae, "topk", k,
                                                                   steps),
-            "sparsify_topk": lambda: baselines.sparsify_steps_per_s(batches, d_sae, k, steps)}
+            "sparsify_topk": lambda: baselines.sparsify_steps_per_s(batches, d_sae, k, steps,
+                                                                    device=device, triton=cuda)}
     out: dict = {}
-    for name, run in runs.items():
+    for name in names:
+        if name.startswith("saelens") and device.type != "cpu":
+            out[name] = "skipped: scripts/baselines.py times SAELens on CPU only"
+            continue
         log(f"  {name}")
         try:
-            out[f"{name}_steps_per_s"] = run()
+            out[f"{name}_steps_per_s"] = runs[name]()
         except ImportError as e:
             out[name] = f"skipped: {e} (pip install -e .[compare])"
+            continue
+        except Exception as e:  # a baseline that breaks (a Triton build, say) leaves ours standing
+            out[name] = f"failed: {type(e).__name__}: {e}"
+            continue
+        if cuda and name.startswith("sparsify"):
+            out["sparsify_decoder"] = baselines.sparsify_decoder()
     return out
 
 
