@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from pipeline import models
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.corpus import pack_sequences
+from pipeline.extract.corpus import Corpus
 from pipeline.extract.distributed import Workers, workers
 from pipeline.extract.masking import choose_mask_token, mask_sequences
 from pipeline.extract.output import lock_output, prepare_output, prepare_remote, uploader
@@ -39,8 +38,9 @@ from pipeline.extract.writer import ChunkWriter, check_finite
 from pipeline.remote import is_remote, mirror
 
 
-def plan(cfg: ExtractConfig) -> tuple[Manifest, np.ndarray, models.ModelSource, object]:
-    """Resolve the model and corpus and build the manifest; loads no weights."""
+def plan(cfg: ExtractConfig) -> tuple[Manifest, Corpus, models.ModelSource, object]:
+    """Resolve the model and read the corpus up to the token budget (for its fingerprint) to
+    build the manifest; loads no weights."""
     src = models.resolve_model(cfg.model, cfg.revision)
     tok = models.load_tokenizer(src, cfg.trust_remote_code)
     config = models.load_config(src, cfg.trust_remote_code)
@@ -61,37 +61,33 @@ def plan(cfg: ExtractConfig) -> tuple[Manifest, np.ndarray, models.ModelSource, 
     if compute == "auto":
         compute = "float32" if device == "cpu" else "bfloat16"
     special = sorted(set(tok.all_special_ids) | {tok.bos_token_id})
-    seqs_per_chunk = cfg.rows_per_chunk // cfg.context_length
+    corpus = Corpus(cfg.corpus, cfg.text_column, tok, cfg.context_length,
+                    cfg.rows_per_chunk // cfg.context_length,
+                    getattr(config, "vocab_size", None) or len(tok))
     n_chunks = cfg.tokens // cfg.rows_per_chunk
-    seqs = pack_sequences(cfg.corpus, tok, n_chunks * seqs_per_chunk, cfg.context_length,
-                          tok.bos_token_id, tok.eos_token_id)
-    if len(seqs) < n_chunks * seqs_per_chunk:
-        have = len(seqs) // seqs_per_chunk
+    fingerprint = corpus.survey(n_chunks)
+    if len(corpus.digests) < n_chunks:
+        have = len(corpus.digests)
         if have == 0:
             raise PipelineError(
-                f"corpus {cfg.corpus} yields {len(seqs) * cfg.context_length} tokens, below one "
-                f"chunk ({cfg.rows_per_chunk} rows): use a larger corpus or smaller --rows-per-chunk")
+                f"corpus {cfg.corpus} yields too few tokens, below one chunk ({cfg.rows_per_chunk} "
+                "rows): use a larger corpus or smaller --rows-per-chunk")
         print(f"warning: corpus {cfg.corpus} holds only {have} chunks of {cfg.rows_per_chunk} "
               f"tokens; writing {have * cfg.rows_per_chunk} tokens, not {cfg.tokens}",
               file=sys.stderr)
         n_chunks = have
-    seqs = seqs[: n_chunks * seqs_per_chunk]
     m = Manifest(
         model_name=src.name, model_fingerprint=src.fingerprint, model_revision=src.revision,
         compute_dtype=compute, device_type=device.split(":")[0], layers=list(cfg.layers),
         n_model_layers=n_layers, d_model=d_model, context_length=cfg.context_length,
-        n_sequences=len(seqs), rows_per_chunk=cfg.rows_per_chunk, batch_size=cfg.batch_size,
-        storage_dtype=cfg.dtype, codec=cfg.codec, mask_rate=cfg.mask_rate,
+        n_sequences=n_chunks * corpus.seqs_per_chunk, rows_per_chunk=cfg.rows_per_chunk,
+        batch_size=cfg.batch_size, storage_dtype=cfg.dtype, codec=cfg.codec, mask_rate=cfg.mask_rate,
         mask_strategy=cfg.mask_strategy, mask_token_id=choose_mask_token(tok, cfg.mask_token),
         mask_seed=cfg.seed, bos_token_id=tok.bos_token_id, special_token_ids=special,
         tokenizer_hash=models.tokenizer_hash(tok), corpus_source=cfg.corpus,
-        corpus_fingerprint=_sha256(seqs),
+        corpus_fingerprint=fingerprint,
     )
-    return m, seqs, src, tok
-
-
-def _sha256(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+    return m, corpus, src, tok
 
 
 def _to_numpy(h: torch.Tensor, dtype: str) -> np.ndarray:
@@ -101,7 +97,7 @@ def _to_numpy(h: torch.Tensor, dtype: str) -> np.ndarray:
 
 def extract(cfg: ExtractConfig, progress: bool = True) -> Manifest:
     """Run the extraction (or resume it) and return the manifest of the finished cache."""
-    m, seqs, src, _tok = plan(cfg)
+    m, corpus, src, _tok = plan(cfg)
     remote = mirror(cfg.out) if is_remote(cfg.out) else None
     out = remote.folder(m.cache_id) if remote else Path(cfg.out)
     team = workers(resolve_device(cfg.device))
@@ -121,13 +117,13 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> Manifest:
         team.leave()  # every rank stops alike: no rank aborts in gloo's teardown after a peer left
         raise PipelineError(error)
     try:
-        return _extract_locked(cfg, m, seqs, src, out, team, remote, progress)
+        return _extract_locked(cfg, m, corpus, src, out, team, remote, progress)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _extract_locked(cfg, m: Manifest, seqs, src, out: Path, team: Workers, remote,
+def _extract_locked(cfg, m: Manifest, corpus: Corpus, src, out: Path, team: Workers, remote,
                     progress: bool) -> Manifest:
     if remote is not None and not team.is_main:
         remote.pull_metadata()
@@ -137,7 +133,7 @@ def _extract_locked(cfg, m: Manifest, seqs, src, out: Path, team: Workers, remot
         where = f" (process {team.rank} of {team.world})" if team.world > 1 else ""
         print(f"cache {m.cache_id}: {m.n_chunks} chunks of {m.rows_per_chunk} tokens, "
               f"{len(done)} already written; hooks {', '.join(m.hooks)}{where}", file=sys.stderr)
-        _run_chunks(cfg, m, seqs, src, out, todo, progress and team.is_main, team, remote)
+        _run_chunks(cfg, m, corpus, src, out, todo, progress and team.is_main, team, remote)
     team.from_main(None)  # a barrier: rank 0 keeps the lock until every rank is done
     if cfg.write and team.is_main:
         m = finalize(out, m)
@@ -147,7 +143,7 @@ def _extract_locked(cfg, m: Manifest, seqs, src, out: Path, team: Workers, remot
     return read_manifest(out) if cfg.write and not team.is_main else m
 
 
-def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progress: bool,
+def _run_chunks(cfg, m: Manifest, corpus: Corpus, src, out: Path, todo: list[int], progress: bool,
                 team: Workers, remote=None) -> None:
     device = team.device(resolve_device(cfg.device))
     base = models.load_truncated(src, max(m.layers) + 1, getattr(torch, m.compute_dtype), device,
@@ -169,8 +165,7 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
     bar = tqdm(total=len(todo) * R, unit="tok", unit_scale=True, desc="extract",
                disable=not progress, file=sys.stderr, smoothing=0.1)
     try:
-        for k in todo:
-            clean = seqs[k * seqs_per_chunk:(k + 1) * seqs_per_chunk]
+        for k, clean in corpus.todo(todo):
             masked, is_masked = mask_sequences(
                 clean, k * seqs_per_chunk, m.mask_rate, m.mask_strategy, m.mask_token_id, m.mask_seed,
                 m.special_token_ids, vocab_size)
