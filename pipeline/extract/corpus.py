@@ -120,7 +120,7 @@ class Corpus:
             elif piece.kind == "ids":
                 yield from stream.add(self._checked(piece.data, piece.where))
             else:
-                yield self._row(self._checked(piece.data, piece.where), piece.where)
+                yield self._row(piece.data, piece.where)
         yield from self._tokenized(batch, stream, eos)
 
     def _tokenized(self, batch: list, stream: _Stream, eos: int | None) -> Iterator[np.ndarray]:
@@ -144,7 +144,7 @@ class Corpus:
                                 f"token ids is one sequence, as SAELens reads them): use "
                                 f"--context-length {longest} or less")
         seq = ids[:L] if starts else np.concatenate([[bos], ids[:L - 1]])
-        return seq.astype(np.int32)[None]
+        return self._checked(seq, where).astype(np.int32)[None]
 
     def _checked(self, ids: np.ndarray, where: str) -> np.ndarray:
         """Ids outside the embedding would fail (or read another row) deep in the forward pass."""

@@ -62,9 +62,10 @@ def corpus_files(path: Path) -> list[Path]:
         return [path]
     if (path / "dataset_dict.json").is_file():
         splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        example = "train" if "train" in splits or not splits else splits[0]
         raise PipelineError(f"corpus {path} is a `datasets` DatasetDict (splits: "
                             f"{', '.join(splits) or 'none found'}): pass one split's folder, "
-                            f"e.g. --corpus {path / (splits[0] if splits else 'train')}")
+                            f"e.g. --corpus {path / example}")
     if (path / "state.json").is_file():
         return _saved_dataset_files(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()
