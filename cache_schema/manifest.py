@@ -30,6 +30,14 @@ def hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
+def layer_of_hook(hook: str) -> int | None:
+    """The layer whose hook_name() is `hook`; None for any other string."""
+    parts = str(hook).split(".")
+    if len(parts) == 3 and parts[1].isdecimal() and hook_name(int(parts[1])) == hook:
+        return int(parts[1])
+    return None
+
+
 @dataclass
 class Manifest:
     """Everything a reader needs to interpret a cache. See cache_schema/SPEC.md."""

@@ -19,6 +19,7 @@ from pipeline.eval.config import EvalConfig
 from pipeline.eval.run import evaluate
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.run import extract
+from pipeline.run import RunDir
 from pipeline.train.config import TrainConfig
 from pipeline.train.trainer import train
 
@@ -82,14 +83,14 @@ def main() -> None:
                           layers=[args.layer], tokens=args.tokens, rows_per_chunk=4096))
     results = {}
     for stream in ("clean", "masked"):
-        run = args.out / f"sae_{stream}"
-        if not (run / "summary.json").is_file():
+        run = RunDir(args.out / f"sae_{stream}")
+        if not run.summary.is_file():
             train(TrainConfig.from_flat(cache=str(cache), out=str(run), layer=args.layer, stream=stream,
                               arch=args.arch, expansion=args.expansion,
                               batch_size=args.batch_size, tokens=args.train_tokens, lr=args.lr,
                               l1=args.l1, mask_every=50, log_every=16, checkpoint_every=128,
-                              holdout_chunks=1, resume=(run / "train_config.json").is_file()))
-        results[stream] = evaluate(EvalConfig(run, ce_sequences=args.ce_sequences, stream="clean",
+                              holdout_chunks=1, resume=run.config.is_file()))
+        results[stream] = evaluate(EvalConfig(run.path, ce_sequences=args.ce_sequences, stream="clean",
                                    model=None if args.model == "default" else args.model,
                                    absorption=True, absorption_every=args.absorption_every))
     md = table(results)

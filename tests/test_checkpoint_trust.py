@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
-from pipeline.train import checkpoint as ckpt
+from pipeline.run import RunDir, layout
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def run(cache, tmp_path) -> Path:
 
 
 def newest(run: Path) -> Path:
-    return ckpt.list_checkpoints(run)[-1]
+    return RunDir(run).checkpoints()[-1]
 
 
 def assert_clean_error(result, *needles: str) -> None:
@@ -56,7 +56,7 @@ def test_an_untouched_checkpoint_is_resumed_from(cache, run):
 
 
 def test_a_checkpoint_with_other_numbers_is_refused(cache, run):
-    state = newest(run) / ckpt.STATE_FILE
+    state = newest(run) / layout.STATE_FILE
     tensors = load_file(str(state))
     tensors["sae.W_dec"] = tensors["sae.W_dec"] + 1.0  # still a valid safetensors file
     save_file(tensors, str(state))
@@ -65,25 +65,25 @@ def test_a_checkpoint_with_other_numbers_is_refused(cache, run):
 
 
 def test_an_edited_checkpoint_meta_file_is_refused(cache, run):
-    meta = newest(run) / ckpt.META_FILE
+    meta = newest(run) / layout.META_FILE
     meta.write_text(meta.read_text().replace('"metrics_offset": ', '"metrics_offset": 1'))
     assert_clean_error(train(cache, run, "--resume"), str(meta), "was changed")
 
 
 def test_a_checkpoint_without_an_audit_entry_is_refused(cache, run):
-    log = run / ckpt.AUDIT_LOG
-    name = f"{ckpt.CHECKPOINTS}/{newest(run).name}/{ckpt.STATE_FILE}"
+    log = run / layout.AUDIT_LOG
+    name = f"{layout.CHECKPOINTS}/{newest(run).name}/{layout.STATE_FILE}"
     log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
                            if json.loads(line)["file"] != name))
-    assert_clean_error(train(cache, run, "--resume"), str(newest(run) / ckpt.STATE_FILE),
+    assert_clean_error(train(cache, run, "--resume"), str(newest(run) / layout.STATE_FILE),
                        "has no entry in", "another --out")
 
 
 def test_a_checkpoint_missing_an_entry_names_it(cache, run):
-    state = newest(run) / ckpt.STATE_FILE
+    state = newest(run) / layout.STATE_FILE
     tensors = load_file(str(state))
     del tensors["train.step"], tensors["rng.cpu"]
     save_file(tensors, str(state))
-    ckpt.audit(run, 20, [state])  # audited as it is now: only the missing entries are wrong
+    RunDir(run).audit(20, [state])  # audited as it is now: only the missing entries are wrong
     assert_clean_error(train(cache, run, "--resume"), "lacks the entries rng.cpu, train.step",
                        f"delete {newest(run)}")

@@ -12,8 +12,8 @@ from pipeline.cli import app
 from pipeline.errors import PipelineError
 from pipeline.eval.config import EvalConfig
 from pipeline.eval.run import evaluate
+from pipeline.run import save_saelens
 from pipeline.sae import build_sae, sae_config
-from pipeline.sae.io import save_saelens
 
 D = 64  # the tiny model's width
 

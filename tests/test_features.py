@@ -36,8 +36,8 @@ from pipeline.features.collect import N_BINS, Histogram, TopExamples
 from pipeline.features.config import FeaturesConfig
 from pipeline.features.run import features, logit_effects, parse_latents
 from pipeline.features.site import esc, index_page, visible
+from pipeline.run import save_saelens
 from pipeline.sae import build_sae, sae_config
-from pipeline.sae.io import save_saelens
 
 D, LAYER, N_EX, CTX = 64, 1, 5, 3
 D_SAE = 16

@@ -18,8 +18,8 @@ from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
 from pipeline.errors import PipelineError
 from pipeline.features.run import parse_latents
+from pipeline.run import save_saelens
 from pipeline.sae import build_sae, sae_config
-from pipeline.sae.io import save_saelens
 from pipeline.train.config import TrainConfig
 from pipeline.train.trainer import train
 

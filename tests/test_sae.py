@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
 from pipeline.errors import PipelineError
+from pipeline.run import load_saelens, save_saelens
 from pipeline.sae import ARCHITECTURES, build_sae, sae_config
 from pipeline.sae.gated import binary_entropy
-from pipeline.sae.io import load_saelens, save_saelens
 from pipeline.sae.sparse import SparseCode
 
 D, S = 16, 64

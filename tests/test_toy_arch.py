@@ -15,8 +15,8 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.run import load_saelens
 from pipeline.sae import ARCHITECTURES, SAE, register_sae_class
-from pipeline.sae.io import load_saelens
 from pipeline.sae.relu import L1Config
 from pipeline.train.config import TrainConfig
 from pipeline.train.trainer import train

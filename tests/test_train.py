@@ -19,10 +19,9 @@ from cache_schema.files import file_sha256
 from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
 from pipeline.errors import PipelineError
+from pipeline.run import RunDir, rolling_variance
 from pipeline.sae import build_sae, sae_config
-from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import TrainConfig
-from pipeline.train.metrics import read_metrics, rolling_variance
 from pipeline.train.step import TrainStep
 from pipeline.train.trainer import train
 
@@ -52,7 +51,7 @@ def test_train_writes_saelens_folder_metrics_plot_and_audit(cache, tmp_path):
     assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
     weights = load_file(str(out / "sae_weights.safetensors"))
     assert weights["W_enc"].shape == (D, 4 * D) and weights["W_dec"].shape == (4 * D, D)
-    rows = read_metrics(out)
+    rows = RunDir(out).read_metrics()
     assert [r["step"] for r in rows] == list(range(10, 61, 10))
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert all(len(r["step_mse"]) == 10 for r in rows)
@@ -61,7 +60,7 @@ def test_train_writes_saelens_folder_metrics_plot_and_audit(cache, tmp_path):
     logged = {a["file"]: a["sha256"] for a in audit}
     assert logged["sae_weights.safetensors"] == file_sha256(out / "sae_weights.safetensors")
     assert {a["step"] for a in audit} >= {20, 40, 60}
-    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000040", "step_00000060"]
+    assert [p.name for p in RunDir(out).checkpoints()] == ["step_00000040", "step_00000060"]
     assert 0 < summary["holdout"]["fve"] <= 1 and summary["holdout"]["tokens"] > 0
 
 
@@ -83,7 +82,7 @@ def test_resume_after_a_crash_gives_identical_weights_and_metrics(cache, tmp_pat
     with pytest.raises(Crash):
         train(config(cache, out, arch="masked", mask_every=7))
     monkeypatch.setattr(TrainStep, "run", original)
-    assert [p.name for p in ckpt.list_checkpoints(out)][-1] == "step_00000040"
+    assert [p.name for p in RunDir(out).checkpoints()][-1] == "step_00000040"
     with pytest.raises(PipelineError, match="--resume"):
         train(config(cache, out, arch="masked", mask_every=7))
     train(config(cache, out, arch="masked", mask_every=7, resume=True))
@@ -94,7 +93,7 @@ def test_resume_after_a_crash_gives_identical_weights_and_metrics(cache, tmp_pat
     def strip(rows):
         return [{k: v for k, v in r.items() if k not in ("steps_per_s", "tokens_per_s")}
                 for r in rows]
-    assert strip(read_metrics(ref)) == strip(read_metrics(out))
+    assert strip(RunDir(ref).read_metrics()) == strip(RunDir(out).read_metrics())
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(cache, tmp_path,
@@ -110,13 +109,13 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(cache, 
     out = tmp_path / "nan"
     with pytest.raises(PipelineError, match=r"NaN or infinite between steps 40 and 50.*step_00000040"):
         train(config(cache, out))
-    last = ckpt.list_checkpoints(out)[-1]
+    last = RunDir(out).checkpoints()[-1]
     assert last.name == "step_00000040"
     audit = {json.loads(x)["file"]: json.loads(x)["sha256"]
              for x in (out / "audit.log").read_text().splitlines()}
     assert audit[f"checkpoints/{last.name}/state.safetensors"] == file_sha256(
         last / "state.safetensors")
-    tensors, meta = ckpt.load_checkpoint(last)
+    tensors, meta = RunDir(out).load_checkpoint(last)
     assert meta["step"] == 40 and all(torch.isfinite(v).all() for k, v in tensors.items()
                                       if v.is_floating_point())
 
@@ -279,7 +278,7 @@ def test_kill_9_then_resume_gives_bit_identical_weights(cache, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen([*args, "-o", str(out)], env=env, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline and len(ckpt.list_checkpoints(out)) < 2:
+    while time.time() < deadline and len(RunDir(out).checkpoints()) < 2:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

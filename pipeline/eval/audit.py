@@ -17,14 +17,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from cache_schema.files import file_sha256
 from pipeline.errors import PipelineError
-from pipeline.eval.provenance import run_config
-from pipeline.eval.run import EVAL_FILE, FREQ_FILE
-from pipeline.sae.io import WEIGHTS
+from pipeline.run import (
+    AUDIT_FREQ_PLOT,
+    AUDIT_LOSS_PLOT,
+    AUDIT_NORMS_PLOT,
+    RunDir,
+    per_step_mse,
+    rolling_variance,
+)
 from pipeline.sae.registry import architecture
-from pipeline.train.checkpoint import AUDIT_LOG, STATE_FILE, list_checkpoints
-from pipeline.train.metrics import per_step_mse, read_metrics, rolling_variance
 
 WINDOW = 500
 FPR_LIMIT = 0.05
@@ -36,29 +38,6 @@ def _check(name: str, value, threshold, failed: bool | None, detail: str) -> dic
     status = "skipped" if failed is None else ("fail" if failed else "pass")
     return {"check": name, "value": value, "threshold": threshold, "status": status,
             "detail": detail}
-
-
-def verify_audit_log(run_dir: Path) -> list[str]:
-    """Files whose bytes no longer match the last SHA-256 the audit log recorded for them."""
-    path = run_dir / AUDIT_LOG
-    if not path.is_file():
-        raise PipelineError(f"{run_dir} has no {AUDIT_LOG}: not a run folder of `pipeline train`")
-    last: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        entry = json.loads(line)
-        last[entry["file"]] = entry["sha256"]
-    if WEIGHTS not in last:
-        raise PipelineError(f"{run_dir}/{WEIGHTS} is not in the audit log: the run did not finish")
-    bad = []
-    for name, digest in sorted(last.items()):
-        file = run_dir / name
-        actual = file_sha256(file) if file.is_file() else None
-        if actual is not None and actual != digest:
-            bad.append(f"{name}: SHA-256 {actual[:16]}... does not match the audit "
-                       f"log's {digest[:16]}...")
-        elif not file.is_file() and not name.startswith("checkpoints/"):
-            bad.append(f"{name}: missing (logged in {AUDIT_LOG})")
-    return bad
 
 
 def loss_variance_check(rows: list[dict]) -> tuple[dict, np.ndarray, np.ndarray, int]:
@@ -78,33 +57,26 @@ def loss_variance_check(rows: list[dict]) -> tuple[dict, np.ndarray, np.ndarray,
 
 def run_audit(run_dir: str | Path) -> dict:
     """Compute the checklist; write audit.json, audit.md and the plots; return the report."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "train_config.json"
-    if not config_path.is_file():
-        raise PipelineError(f"{run_dir} has no train_config.json: not a run folder of "
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise PipelineError(f"{run} has no {run.config.name}: not a run folder of "
                             "`pipeline train`")
-    cfg = run_config(run_dir)
-    rows = read_metrics(run_dir)
+    cfg = run.read_config()
+    rows = run.read_metrics()
     if not rows:
-        raise PipelineError(f"{run_dir} has no metrics.jsonl rows to audit")
-    bad_files = verify_audit_log(run_dir)
-    checkpoints = list_checkpoints(run_dir)
+        raise PipelineError(f"{run} has no {run.metrics.name} rows to audit")
+    bad_files = run.unmatched_files()
+    checkpoints = run.checkpoints()
     if not checkpoints:
-        raise PipelineError(f"{run_dir} has no checkpoint (checkpoints/step_*/{STATE_FILE})")
-    try:
-        state = load_file(str(checkpoints[-1] / STATE_FILE))
-    except Exception as e:  # safetensors raises its own error type
-        raise PipelineError(f"checkpoint file {checkpoints[-1] / STATE_FILE} cannot be read "
-                            f"({e})") from e
-    norms = state["sae.W_dec"].norm(dim=1)
-    evaluation = json.loads((run_dir / EVAL_FILE).read_text()) \
-        if (run_dir / EVAL_FILE).is_file() else None
+        raise PipelineError(f"{run} has no checkpoint in {run.checkpoints_dir}")
+    norms = run.checkpoint_state(checkpoints[-1])["sae.W_dec"].norm(dim=1)
+    evaluation = json.loads(run.eval_json.read_text()) if run.eval_json.is_file() else None
     dead = evaluation["dead_fraction"] if evaluation else rows[-1]["dead_fraction"]
     var_check, steps, rv, window = loss_variance_check(rows)
     try:
         kind = architecture(cfg["arch"]).sae
     except ValueError as e:
-        raise PipelineError(f"{run_dir}/train_config.json: {e}") from None
+        raise PipelineError(f"{run.config}: {e}") from None
     l1_applies = kind.uses_l1
     checks = [
         _check("dead_latents", dead, 0.05, dead > 0.05,
@@ -123,14 +95,14 @@ def run_audit(run_dir: str | Path) -> dict:
                else "no dormancy mask in this architecture"),
         _check("checkpoint_integrity", len(bad_files), 0, bool(bad_files),
                "; ".join(bad_files) or "weights and checkpoints are safetensors and match the "
-               "SHA-256 in audit.log"),
+               f"SHA-256 in {run.audit_log.name}"),
         _fpr_check(evaluation),
     ]
-    report = {"run": str(run_dir), "arch": cfg["arch"], "steps": rows[-1]["step"],
+    report = {"run": str(run), "arch": cfg["arch"], "steps": rows[-1]["step"],
               "failed": [c["check"] for c in checks if c["status"] == "fail"], "checks": checks}
-    report["plots"] = _plots(run_dir, rows, steps, rv, window, norms)
-    (run_dir / "audit.json").write_text(json.dumps(report, indent=1))
-    (run_dir / "audit.md").write_text(_markdown(report))
+    report["plots"] = _plots(run, rows, steps, rv, window, norms)
+    run.audit_json.write_text(json.dumps(report, indent=1))
+    run.audit_md.write_text(_markdown(report))
     return report
 
 
@@ -158,7 +130,7 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(run_dir: Path, rows, steps, rv, window, norms: torch.Tensor) -> list[str]:
+def _plots(run: RunDir, rows, steps, rv, window, norms: torch.Tensor) -> list[str]:
     import matplotlib  # slow to import, and only the plots need it
 
     matplotlib.use("Agg")
@@ -170,24 +142,24 @@ def _plots(run_dir: Path, rows, steps, rv, window, norms: torch.Tensor) -> list[
     a.set(title="loss", xlabel="step", yscale="log")
     b.plot(steps, rv)
     b.set(title=f"{window}-step rolling variance of MSE", xlabel="step", yscale="log")
-    fig.savefig(run_dir / "audit_loss.png", dpi=100)
+    fig.savefig(run.path / AUDIT_LOSS_PLOT, dpi=100)
     plt.close(fig)
-    out.append("audit_loss.png")
+    out.append(AUDIT_LOSS_PLOT)
     fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
     ax.hist(norms.numpy(), bins=np.linspace(0.0, max(1.2, 1.05 * float(norms.max())), 61))
     ax.axvline(0.1, color="red", ls="--", label="0.1 threshold")
     ax.set(title="decoder row norms", xlabel="||W_dec_i||", ylabel="latents")
     ax.legend()
-    fig.savefig(run_dir / "audit_decoder_norms.png", dpi=100)
+    fig.savefig(run.path / AUDIT_NORMS_PLOT, dpi=100)
     plt.close(fig)
-    out.append("audit_decoder_norms.png")
-    if (run_dir / FREQ_FILE).is_file():
-        freq = load_file(str(run_dir / FREQ_FILE))["freq"].numpy()
+    out.append(AUDIT_NORMS_PLOT)
+    if run.latent_freq.is_file():
+        freq = load_file(str(run.latent_freq))["freq"].numpy()
         fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
         ax.hist(np.log10(freq[freq > 0]), bins=50)
         ax.set(title=f"latent frequency ({int((freq == 0).sum())} never fire)",
                xlabel="log10 fraction of tokens", ylabel="latents")
-        fig.savefig(run_dir / "audit_latent_freq.png", dpi=100)
+        fig.savefig(run.path / AUDIT_FREQ_PLOT, dpi=100)
         plt.close(fig)
-        out.append("audit_latent_freq.png")
+        out.append(AUDIT_FREQ_PLOT)
     return out

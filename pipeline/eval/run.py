@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from pipeline import models
 from pipeline.data import ActivationLoader
 from pipeline.data.reader import ChunkReader
 from pipeline.devices import resolve_device
-from pipeline.errors import PipelineError
 from pipeline.eval.absorption import (
     AbsorptionConfig,
     absorption_scores,
@@ -29,34 +27,18 @@ from pipeline.eval.absorption import (
     word_activations,
 )
 from pipeline.eval.config import EvalConfig
-from pipeline.eval.provenance import check_cache_source, run_cache, run_config
 from pipeline.eval.splice import spliced_ce
 from pipeline.paths import check_writable
 from pipeline.remote import local_cache
-from pipeline.sae.io import load_saelens
+from pipeline.run import (
+    EVAL_FILE,
+    FREQ_FILE,
+    WORDS_FILE,
+    RunDir,
+    check_cache_source,
+    check_sae_fits_cache,
+)
 from pipeline.sae.recon import reconstruction_metrics
-
-EVAL_FILE, FREQ_FILE, WORDS_FILE = "eval.json", "latent_freq.safetensors", "absorption_words.json"
-
-
-def _layer_of(hook: str) -> int:
-    match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook or "")
-    if not match:
-        raise PipelineError(f"the SAE's hook {hook!r} is not a blocks.L.hook_resid_post hook")
-    return int(match.group(1))
-
-
-def check_sae_fits_cache(cfg: dict, m: Manifest, cache: str) -> int:
-    """The SAE's layer, after checking that its hook and width match the cache."""
-    hook = cfg.get("metadata", {}).get("hook_name")
-    layer = _layer_of(hook)
-    if hook not in m.hooks:
-        raise PipelineError(f"the SAE reads {hook}, but cache {cache} holds {', '.join(m.hooks)}: "
-                            "pass the cache it was trained on with --cache")
-    if cfg["d_in"] != m.d_model:
-        raise PipelineError(f"the SAE's d_in is {cfg['d_in']}, but cache {cache} has d_model "
-                            f"{m.d_model}: they come from different models")
-    return layer
 
 
 def holdout_sequences(cache: str, m: Manifest, chunks: list[int], n: int) -> np.ndarray:
@@ -91,9 +73,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     sae_dir = cfg.sae_dir
     check_writable(sae_dir, (EVAL_FILE, FREQ_FILE) + ((WORDS_FILE,) if cfg.absorption else ()),
                    flag="SAE_DIR")
-    sae = load_saelens(sae_dir)
-    run = run_config(sae_dir)
-    cache = run_cache(sae_dir, run, cfg.cache)
+    folder = RunDir(sae_dir)
+    sae = folder.load_sae()
+    run = folder.read_config()
+    cache = folder.cache(cfg.cache)
     root = local_cache(cache)
     m = open_cache(root)
     layer = check_sae_fits_cache(sae.cfg, m, cache)
@@ -124,8 +107,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         result["absorption"] = run_absorption(sae, m, layer, cfg.model, dev,
                                               cfg.absorption_every, sae_dir, cfg.progress)
     result = finite_or_null(result)
-    (sae_dir / EVAL_FILE).write_text(json.dumps(result, indent=1, allow_nan=False))
-    save_file({"freq": freq.cpu()}, str(sae_dir / FREQ_FILE))
+    folder.eval_json.write_text(json.dumps(result, indent=1, allow_nan=False))
+    save_file({"freq": freq.cpu()}, str(folder.latent_freq))
     return result
 
 

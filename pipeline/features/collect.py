@@ -30,7 +30,7 @@ class Block:
 
 
 def encode_selected(sae, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """Activations [rows, len(latents)] of the chosen latents (pipeline.sae.io.InferenceSAE)."""
+    """Activations [rows, len(latents)] of the chosen latents (pipeline.sae.inference.InferenceSAE)."""
     return sae.encode(x, latents)
 
 

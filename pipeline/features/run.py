@@ -3,7 +3,6 @@ tokens each latent's decoder direction promotes, and write the static site + fea
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import Counter
@@ -19,14 +18,12 @@ from pipeline import models
 from pipeline.data.reader import ChunkReader
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.eval.provenance import check_cache_source, run_cache, run_config
-from pipeline.eval.run import check_sae_fits_cache
 from pipeline.features.collect import PAD, block_rows, collect, read_blocks
 from pipeline.features.config import FeaturesConfig
 from pipeline.features.site import SITE_FILES, write_site
 from pipeline.paths import check_writable
 from pipeline.remote import local_cache
-from pipeline.sae.io import load_saelens
+from pipeline.run import RunDir, check_cache_source, check_sae_fits_cache
 
 DEFAULT_LATENTS = 512
 N_LOGITS = 10
@@ -56,11 +53,10 @@ def parse_latents(spec: str | None, d_sae: int) -> list[int]:
     return sorted(out)
 
 
-def holdout_chunk_ids(sae_dir: Path, m: Manifest, holdout_chunks: int | None) -> list[int]:
-    """The last N chunks: N from --holdout-chunks, else the run's train_config.json."""
+def holdout_chunk_ids(sae_dir: Path, run: dict, m: Manifest, holdout_chunks: int | None
+                      ) -> list[int]:
+    """The last N chunks: N from --holdout-chunks, else the run's settings `run`."""
     if holdout_chunks is None:
-        path = sae_dir / "train_config.json"
-        run = json.loads(path.read_text()) if path.is_file() else {}
         holdout_chunks = run.get("holdout_chunks") or 0
         if holdout_chunks <= 0:
             raise PipelineError(f"{sae_dir} has no held-out chunks (its train_config.json "
@@ -151,12 +147,13 @@ def features(cfg: FeaturesConfig) -> Path:
     """Build the feature browser of a saved SAE; returns the path of index.html."""
     started = time.perf_counter()
     sae_dir, examples, context, tokens = cfg.sae_dir, cfg.examples, cfg.context, cfg.tokens
-    site = Path(cfg.out) if cfg.out is not None else sae_dir / "features"
+    folder = RunDir(sae_dir)
+    site = Path(cfg.out) if cfg.out is not None else folder.features
     check_writable(site, SITE_FILES, flag="--out")
-    sae = load_saelens(sae_dir)
+    sae = folder.load_sae()
     chosen = parse_latents(cfg.latents, sae.cfg["d_sae"])
-    run = run_config(sae_dir)
-    cache = run_cache(sae_dir, run, cfg.cache)
+    run = folder.read_config()
+    cache = folder.cache(cfg.cache)
     if examples < 1 or context < 0:
         raise PipelineError(f"--examples must be at least 1 and --context at least 0, got "
                             f"{examples} and {context}")
@@ -166,7 +163,7 @@ def features(cfg: FeaturesConfig) -> Path:
     m = open_cache(root)
     layer = check_sae_fits_cache(sae.cfg, m, str(cache))
     check_cache_source(sae_dir, run, sae.cfg, m, str(cache))
-    chunks = holdout_chunk_ids(sae_dir, m, cfg.holdout_chunks)
+    chunks = holdout_chunk_ids(sae_dir, run, m, cfg.holdout_chunks)
     check_tokens(Path(root), chunks)
     src = models.model_source_of(m, cfg.model)  # fail on a missing model before the long pass
     dev = resolve_device(cfg.device)

@@ -178,6 +178,6 @@ class SAE(nn.Module):
 
     @staticmethod
     def saved_activation(saved, pre: torch.Tensor, latents: torch.Tensor | None) -> torch.Tensor:
-        """Latents of a saved SAE (pipeline.sae.io.SavedSAE) from its pre-activations, as
+        """Latents of a saved SAE (pipeline.sae.inference.InferenceSAE) from its pre-activations, as
         SAELens 6 computes them; `latents`: the columns of pre, when only some were computed."""
         return torch.relu(pre)

@@ -10,10 +10,9 @@ import typing
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.run import SWEEP_FILE, sweep_point_dir
 from pipeline.train.config import TrainConfig, flat_hints
 from pipeline.train.trainer import SWEEP_COMMON, train_many
-
-SWEEP_FILE = "sweep.json"
 
 
 def parse_value(name: str, text: str):
@@ -96,9 +95,8 @@ def expand(base: TrainConfig, overrides: dict, grid: dict[str, list]) -> list[Tr
     configs = []
     for i, values in enumerate(itertools.product(*(grid[n] for n in names))):
         point = dict(zip(names, values, strict=True))
-        label = "-".join(f"{n}={v}" for n, v in point.items()).replace("/", "_")
         fields = {**base.to_dict(), **overrides, **point,
-                  "out": str(Path(base.out) / f"{i:02d}-{label}")}
+                  "out": str(sweep_point_dir(Path(base.out), i, point))}
         configs.append(TrainConfig.from_flat(**fields))
     return configs
 

@@ -3,7 +3,6 @@ a plot, and the result saved in the SAELens folder format."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -17,16 +16,14 @@ from pipeline.data import ActivationLoader
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.remote import local_cache
+from pipeline.run import RunDir
 from pipeline.sae import SAE, build_sae
-from pipeline.sae.io import save_saelens
 from pipeline.sae.recon import reconstruction_metrics
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import TrainConfig
-from pipeline.train.metrics import MetricsLog, plot_training
+from pipeline.train.plot import plot_training
 from pipeline.train.rundir import check_run_dir, create_run_dir
 from pipeline.train.step import TrainStep
-
-SUMMARY_FILE = "summary.json"
 
 
 def resolve_layer(cfg: TrainConfig, layers: list[int]) -> int:
@@ -124,8 +121,7 @@ def _common_start(cfgs: list[TrainConfig], resume_from: list[Path | None]) -> in
     """The step every run restarts from: the newest checkpoint step all of them have."""
     if all(r is None for r in resume_from):
         return 0
-    steps = [{int(p.name.split("_")[1]) for p in ckpt.list_checkpoints(Path(c.out))}
-             for c in cfgs]
+    steps = [{RunDir.step_of(p) for p in RunDir(c.out).checkpoints()} for c in cfgs]
     common = set.intersection(*steps)
     return max(common) if common else 0
 
@@ -143,7 +139,7 @@ class Run:
     def __init__(self, cfg: TrainConfig, manifest, layer: int, device: torch.device,
                  total: int, loader: ActivationLoader, start: int):
         self.cfg, self.manifest, self.layer, self.total = cfg, manifest, layer, total
-        self.loader, self.dir = loader, Path(cfg.out)
+        self.loader, self.dir = loader, RunDir(cfg.out)
         self.scale = loader.norm_scale if cfg.normalize else 1.0
         self.sae = build_sae(cfg.sae_config(manifest.d_model),
                              generator=torch.Generator().manual_seed(cfg.seed)).to(device)
@@ -154,13 +150,12 @@ class Run:
         meta: dict = {}
         if start:
             meta = self._resume(start)
-        self.metrics = MetricsLog(self.dir, truncate_at=meta.get("metrics_offset", 0))
+        self.metrics = self.dir.metrics_log(truncate_at=meta.get("metrics_offset", 0))
         self.t0, self.last_log = time.perf_counter(), start
 
     def _resume(self, start: int) -> dict:
-        path = self.dir / ckpt.CHECKPOINTS / f"step_{start:08d}"
-        tensors, meta = ckpt.load_checkpoint(path, self.dir,
-                                             ckpt.expected_entries(self.sae, self.step))
+        path = self.dir.checkpoint(start)
+        tensors, meta = self.dir.load_checkpoint(path, ckpt.expected_entries(self.sae, self.step))
         if meta.get("cache_id") != self.manifest.cache_id:
             raise PipelineError(
                 f"cannot resume {self.dir}: it was trained on cache {meta.get('cache_id')}, but "
@@ -193,7 +188,7 @@ class Run:
         row = _log_row(self.step, self.sae, done, cfg.batch_size, self.t0, self.last_log)
         self.t0, self.last_log = time.perf_counter(), done
         if row["nonfinite_steps"]:
-            last = ckpt.list_checkpoints(self.dir)
+            last = self.dir.checkpoints()
             raise PipelineError(
                 f"{self.dir}: the loss became NaN or infinite between steps "
                 f"{done - row['steps']} and {done}; stopped. Last good checkpoint: "
@@ -240,33 +235,32 @@ def _log_row(step: TrainStep, sae: SAE, done: int, batch_size: int, t0: float,
     }
 
 
-def _save(run_dir: Path, step: TrainStep, sae: SAE, done: int, metrics_offset: int,
+def _save(run: RunDir, step: TrainStep, sae: SAE, done: int, metrics_offset: int,
           manifest, cfg: TrainConfig) -> None:
     tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
     tensors.update({f"train.{k}": v for k, v in step.state_tensors().items()})
     tensors.update(ckpt.rng_state())
-    ckpt.save_checkpoint(run_dir, done, tensors, {
+    run.save_checkpoint(done, tensors, {
         "metrics_offset": metrics_offset, "cache_id": manifest.cache_id,
         "arch": cfg.arch, "loader_step": done})
 
 
-def _finish(cfg: TrainConfig, run_dir: Path, sae: SAE, scale: float, manifest, layer: int,
+def _finish(cfg: TrainConfig, run: RunDir, sae: SAE, scale: float, manifest, layer: int,
             loader: ActivationLoader, total: int) -> dict:
     metadata = {
-        "hook_name": f"blocks.{layer}.hook_resid_post", "model_name": manifest.model_name,
-        "context_size": manifest.context_length, "cache_id": manifest.cache_id,
-        "stream": cfg.stream, "training_tokens": total * cfg.batch_size,
-        "norm_scale": scale, "train_config": cfg.identity(),
+        "model_name": manifest.model_name, "context_size": manifest.context_length,
+        "cache_id": manifest.cache_id, "stream": cfg.stream,
+        "training_tokens": total * cfg.batch_size, "norm_scale": scale,
+        "train_config": cfg.identity(),
     }
-    hashes = save_saelens(run_dir, sae, scale, metadata)  # a CPU copy; the SAE stays put
-    ckpt.audit(run_dir, total, [run_dir / name for name in hashes])
-    plot = plot_training(run_dir)
-    summary = {"run": str(run_dir), "steps": total, "tokens": total * cfg.batch_size,
+    hashes = run.save_sae(sae, scale, layer, metadata, step=total)  # a CPU copy; the SAE stays
+    plot = plot_training(run)
+    summary = {"run": str(run), "steps": total, "tokens": total * cfg.batch_size,
                "arch": cfg.arch, "d_sae": sae.cfg.d_sae, "layer": layer, "stream": cfg.stream,
                "cache_id": manifest.cache_id, "norm_scale": scale, "files": hashes,
                "plot": str(plot) if plot else None}
     if cfg.holdout_chunks:
         metrics, _ = reconstruction_metrics(sae, (x * scale for x in loader.holdout()))
         summary["holdout"] = metrics  # in the training (scaled) space
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    run.write_summary(summary)
     return summary

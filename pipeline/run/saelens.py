@@ -14,16 +14,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from cache_schema.files import atomic_write, file_sha256
 from pipeline.errors import PipelineError
+from pipeline.run.layout import CFG_FILE, WEIGHTS_FILE
 from pipeline.sae.base import SAE
+from pipeline.sae.inference import InferenceSAE
 from pipeline.sae.registry import inference_class
 
-WEIGHTS, CFG = "sae_weights.safetensors", "cfg.json"
 SAE_LENS_VERSION = "6.0.0"
 
 
@@ -46,51 +45,21 @@ def save_saelens(folder: str | Path, sae: SAE, scale: float, metadata: dict) -> 
            "metadata": {"prepend_bos": True, "trained_arch": sae.cfg.arch, **metadata,
                         "sae_lens_version": SAE_LENS_VERSION}}
     text = json.dumps(cfg, indent=1, default=str)
-    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write(folder / CFG, lambda tmp: tmp.write_text(text))
-    return {name: file_sha256(folder / name) for name in (WEIGHTS, CFG)}
-
-
-class InferenceSAE(nn.Module):
-    """A saved SAE applied to raw activations, computed as SAELens 6 computes its architecture;
-    the latents come from the class it was trained as (`kind.saved_activation`)."""
-
-    def __init__(self, cfg: dict, tensors: dict[str, torch.Tensor], kind: type[SAE]):
-        super().__init__()
-        self.cfg = cfg
-        self.kind = kind
-        self.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
-        for name, t in tensors.items():
-            self.register_buffer(name, t)
-
-    def encode(self, x: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
-        """Latents [rows, d_sae], or only the columns `latents`: computed from those encoder
-        columns alone where each latent depends on its own column only."""
-        if self.apply_b_dec_to_input:
-            x = x - self.b_dec
-        if latents is not None and self.kind.independent_latents:
-            pre = x @ self.W_enc[:, latents] + self.b_enc[latents]
-            return self.kind.saved_activation(self, pre, latents)
-        z = self.kind.saved_activation(self, x @ self.W_enc + self.b_enc, None)
-        return z if latents is None else z[:, latents]
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.W_dec + self.b_dec
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(folder / CFG_FILE, lambda tmp: tmp.write_text(text))
+    return {name: file_sha256(folder / name) for name in (WEIGHTS_FILE, CFG_FILE)}
 
 
 def load_saelens(folder: str | Path) -> InferenceSAE:
     """Read a saved SAE (safetensors only, no pickle) with clear errors for what is wrong."""
     folder = Path(folder)
-    for name in (CFG, WEIGHTS):
+    for name in (CFG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise PipelineError(f"{folder} is not a saved SAE: {name} is missing")
     try:
-        cfg = json.loads((folder / CFG).read_text())
+        cfg = json.loads((folder / CFG_FILE).read_text())
     except ValueError as e:
-        raise PipelineError(f"{folder / CFG} is not valid JSON ({e})") from e
+        raise PipelineError(f"{folder / CFG_FILE} is not valid JSON ({e})") from e
     arch = cfg.get("architecture")
     try:
         kind = inference_class(cfg)
@@ -99,22 +68,22 @@ def load_saelens(folder: str | Path) -> InferenceSAE:
     needed = ["d_in", "d_sae", *kind.saved_fields]
     missing = [key for key in needed if not isinstance(cfg.get(key), int)]
     if missing:
-        raise PipelineError(f"{folder / CFG}: {', '.join(missing)} missing or not an integer")
+        raise PipelineError(f"{folder / CFG_FILE}: {', '.join(missing)} missing or not an integer")
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", False):
-        raise PipelineError(f"{folder / CFG}: normalize_activations is {norm!r}; this tool reads "
+        raise PipelineError(f"{folder / CFG_FILE}: normalize_activations is {norm!r}; this tool reads "
                             "SAEs whose input scaling is folded into the weights ('none')")
     try:
-        tensors = load_file(str(folder / WEIGHTS))
+        tensors = load_file(str(folder / WEIGHTS_FILE))
     except Exception as e:  # safetensors raises its own error type for a damaged file
-        raise PipelineError(f"{folder / WEIGHTS} cannot be read as safetensors ({e})") from e
+        raise PipelineError(f"{folder / WEIGHTS_FILE} cannot be read as safetensors ({e})") from e
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,),
               "b_dec": (d_in,), "threshold": (d_sae,)}
     for name in kind.saved_tensors:
         if name not in tensors:
-            raise PipelineError(f"{folder / WEIGHTS} has no tensor {name} (needed by {arch})")
+            raise PipelineError(f"{folder / WEIGHTS_FILE} has no tensor {name} (needed by {arch})")
         if tuple(tensors[name].shape) != shapes[name]:
-            raise PipelineError(f"{folder / WEIGHTS}: {name} has shape "
+            raise PipelineError(f"{folder / WEIGHTS_FILE}: {name} has shape "
                                 f"{tuple(tensors[name].shape)}, cfg.json says {shapes[name]}")
     return InferenceSAE(cfg, {n: tensors[n].float() for n in kind.saved_tensors}, kind)

@@ -1,37 +1,28 @@
-"""Which cache a saved run reads, and whether a cache is the one it was trained on: same model
-(fingerprint) is required, a different cache id of the same model only earns a warning."""
+"""Which cache a saved SAE reads, and whether a cache fits it: the SAE's hook must be in the
+cache and its width the cache's; the model (fingerprint) must be the run's, while a different
+cache id of the same model only earns a warning."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from cache_schema import Manifest
 from pipeline.errors import PipelineError
-
-RUN_CONFIG = "train_config.json"
-
-
-def run_config(sae_dir: Path) -> dict:
-    """The run's train_config.json ({} when the folder is a bare SAE)."""
-    path = sae_dir / RUN_CONFIG
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise PipelineError(f"{path} is not valid JSON ({e}): the run folder is damaged; "
-                            "restore the file from a copy of the run") from e
+from pipeline.run.folder import RunDir
 
 
-def run_cache(sae_dir: Path, run: dict, cache: str | None) -> str:
-    """--cache, else the run's cache: absolute in runs written since issue 15, as typed (so
-    relative to the working folder) in older ones."""
-    cache = cache or run.get("cache")
-    if not cache:
-        raise PipelineError(f"{sae_dir} does not say which cache it was trained on: pass --cache")
-    return str(cache)
+def check_sae_fits_cache(sae_cfg: dict, m: Manifest, cache: str) -> int:
+    """The SAE's layer, after checking that its hook and width match the cache."""
+    hook = sae_cfg.get("metadata", {}).get("hook_name")
+    layer = RunDir.layer_of(hook)
+    if hook not in m.hooks:
+        raise PipelineError(f"the SAE reads {hook}, but cache {cache} holds {', '.join(m.hooks)}: "
+                            "pass the cache it was trained on with --cache")
+    if sae_cfg["d_in"] != m.d_model:
+        raise PipelineError(f"the SAE's d_in is {sae_cfg['d_in']}, but cache {cache} has d_model "
+                            f"{m.d_model}: they come from different models")
+    return layer
 
 
 def check_cache_source(sae_dir: Path, run: dict, sae_cfg: dict, m: Manifest,
