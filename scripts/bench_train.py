@@ -12,7 +12,8 @@ In one run, on the same cache:
       (`pip install -e .[compare]`), SAELens's SAETrainer.fit (standard, topk) and sparsify's
       SparseCoder step (scripts/baselines.py);
   (c) on CUDA only: CUDA graph vs eager at d_in 4096, d_sae 32768, batch 4096, steps/s, and the
-      fraction of the matmul peak measured in the same run.
+      fraction of the matmul peak measured in the same run, with TF32 on (`pipeline train
+      --tf32`) and off (its default).
 
     python scripts/bench_train.py [--cache DIR] [--batch-size 1024] [--expansion 4] [--steps 20]
 """
@@ -185,11 +186,12 @@ def baseline_runs(batches: list[torch.Tensor], d_sae: int, k: int, steps: int,
     return out
 
 
-def gpu_section(steps: int) -> dict:
+def gpu_section(steps: int, tf32: bool = True) -> dict:
+    """CUDA graph vs eager with TF32 on (`pipeline train --tf32`) or off (its default)."""
     device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     d_in, d_sae, batch = 4096, 32768, 4096
-    out = {"shape": {"d_in": d_in, "d_sae": d_sae, "batch": batch}}
+    out = {"shape": {"d_in": d_in, "d_sae": d_sae, "batch": batch}, "tf32": tf32}
     x = torch.randn(batch, d_in, device=device)
     for graph in (False, True):
         step = our_step(d_in, d_sae, batch, device, graph)
@@ -271,7 +273,8 @@ def main() -> None:
                         for d_sae in args.shapes]
     if torch.cuda.is_available():
         log("(c) CUDA graph vs eager at d_in 4096, d_sae 32768, batch 4096")
-        result["gpu"] = gpu_section(max(args.steps, 20))
+        result["gpu"] = {"tf32_on": gpu_section(max(args.steps, 20), True),  # pipeline train --tf32
+                         "tf32_off": gpu_section(max(args.steps, 20), False)}  # its default
     else:
         result["gpu"] = "skipped: no CUDA on this machine"
     print(json.dumps(result, indent=1))

@@ -73,6 +73,9 @@ class TrainConfig:
     """auto, cpu, cuda or cuda:N."""
     cuda_graph: str = "auto"
     """auto (on for CUDA), on, or off: capture the whole step in a CUDA graph."""
+    tf32: bool = False
+    """Let float32 matmuls on CUDA use TF32 tensor cores: several times faster, about 1e-3
+    relative precision per product (scripts/bench_train.py reports both)."""
     resume: bool = False
     """Continue the run in --out from its last checkpoint."""
     progress: bool = True

@@ -3,6 +3,7 @@ with its train_config.json only once every setting has passed, matched on --resu
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -22,7 +23,10 @@ def check_run_dir(cfg: TrainConfig, manifest) -> Path | None:
             raise PipelineError(f"run folder {run} already holds a run: pass --resume to "
                                 "continue it, or choose another --out")
         mine = cfg.identity()
-        changed = sorted(k for k in mine if k not in ("out", "cache") and old.get(k) != mine[k])
+        # a setting added after the run was saved is what that run had: its default
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        changed = sorted(k for k in mine if k not in ("out", "cache")
+                         and old.get(k, defaults.get(k)) != mine[k])
         if not _same_cache(old, cfg.cache, manifest):
             changed.append("cache")
         if changed:

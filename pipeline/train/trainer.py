@@ -47,7 +47,7 @@ def train(cfg: TrainConfig) -> dict:
 
 # Settings every SAE of one sweep must share: they read the same batches in lockstep.
 SWEEP_COMMON = ("cache", "layer", "batch_size", "seed", "window_chunks", "keep_special",
-          "holdout_chunks", "device", "tokens", "steps", "log_every", "checkpoint_every")
+          "holdout_chunks", "device", "tokens", "steps", "log_every", "checkpoint_every", "tf32")
 
 
 def train_many(cfgs: list[TrainConfig], progress: bool | None = None,
@@ -71,6 +71,8 @@ def train_many(cfgs: list[TrainConfig], progress: bool | None = None,
         cfg.sae_config(manifest.d_model)
         use_cuda_graph(cfg, device)
     resume_from = [check_run_dir(cfg, manifest) for cfg in cfgs]
+    if device.type == "cuda":  # a process-wide switch: one value for every SAE of the sweep
+        torch.backends.cuda.matmul.allow_tf32 = base.tf32
     start = _common_start(cfgs, resume_from)
     loaders: dict[tuple, ActivationLoader] = {}
     try:
