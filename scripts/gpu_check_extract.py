@@ -20,49 +20,19 @@ from bench_extract import time_ours
 from timing import log, matmul_peak
 
 from pipeline.extract.config import ExtractConfig
+from pipeline.models.synthetic import WORDS, llama3_tokenizer, save_random_llama
 from pipeline.plan.estimate import flops_per_token, model_shape
 from pipeline.plan.presets import PRESETS
 
 PRESET = "llama-3-8b"
-BOS, EOS, RESERVED = "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>"
-SPECIALS = [BOS, EOS, RESERVED, "<|reserved_special_token_1|>", "<|start_header_id|>",
-            "<|end_header_id|>", "<|eot_id|>"]
-WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at "
-         "which but have an they you were her she there been one all we their has would when "
-         "state nation congress people government law war peace trade treaty year public union "
-         "country power duty army navy money bank tax act report great new").split()
-
-
-def llama3_tokenizer():
-    """A byte-level BPE tokenizer trained on WORDS, with Llama-3's special tokens (no unk)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator([" ".join(WORDS)] * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BOS, eos_token=EOS,
-                                   additional_special_tokens=SPECIALS[2:])
 
 
 def build_model(folder: Path, overrides: dict, dtype: torch.dtype, device: torch.device):
     """Save a random LlamaForCausalLM with the preset's structure (vocab 128256, GQA 4:1, rope
-    theta 500000, untied embeddings) and `overrides`, built on `device` in `dtype`, plus the
-    tokenizer, to `folder`; returns its config."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    tok = llama3_tokenizer()
-    config = LlamaConfig(**{**PRESETS[PRESET], **overrides, "bos_token_id": tok.bos_token_id,
-                            "eos_token_id": tok.eos_token_id})
-    torch.manual_seed(0)
-    with torch.device(device):  # initialised where it runs: seconds, not minutes on the CPU
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    del model
+    theta 500000, untied embeddings) and `overrides`, built on `device` in `dtype`, plus a
+    tokenizer with Llama-3's special tokens, to `folder`; returns its config."""
+    config = save_random_llama(folder, {**PRESETS[PRESET], **overrides},
+                               llama3_tokenizer(400), dtype, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return config

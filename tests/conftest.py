@@ -7,10 +7,7 @@ from pathlib import Path
 
 import pytest
 
-WORDS = ("the of and to in a is that for it as was with be by on not he i this are or his from "
-         "at which but have an they you were her she there been one all we their has would when "
-         "state nation congress people government law war peace trade treaty year public union "
-         "country power duty army navy money bank tax act report great new").split()
+from pipeline.models.synthetic import WORDS
 
 
 def make_corpus(folder: Path, n_docs: int = 12, words_per_doc: int = 600, seed: int = 0) -> Path:

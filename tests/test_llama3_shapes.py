@@ -16,11 +16,9 @@ from cache_schema import TOKENS, activation_array, hook_name, open_cache, read_m
 from cache_schema.dtypes import decode
 from cache_schema.store import array_specs, chunk_file
 from pipeline.cli import app
-from tests.conftest import WORDS
+from pipeline.models.synthetic import LLAMA3_SPECIALS, llama3_tokenizer, save_random_llama
 
-BOS, EOS, RESERVED = "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>"
-SPECIALS = [BOS, EOS, RESERVED, "<|reserved_special_token_1|>", "<|start_header_id|>",
-            "<|end_header_id|>", "<|eot_id|>"]
+BOS, EOS, RESERVED = LLAMA3_SPECIALS[:3]
 CTX, R, LAYER = 64, 512, 2
 runner = CliRunner()
 
@@ -28,25 +26,11 @@ runner = CliRunner()
 def make_llama3_like(folder: Path) -> Path:
     """A random Llama with Llama-3's structure (GQA 8 heads : 2 KV heads, rope theta 500000, no
     tied embeddings) and a byte-level BPE tokenizer with Llama-3's special tokens (no unk)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator([" ".join(WORDS)] * 4, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BOS, eos_token=EOS,
-                                  additional_special_tokens=SPECIALS[2:])
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=224,
-                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                      rope_theta=500000.0, max_position_embeddings=256, rms_norm_eps=1e-5,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_random_llama(folder, dict(hidden_size=64, intermediate_size=224, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=2,
+                                   rope_theta=500000.0, max_position_embeddings=256,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=False),
+                      llama3_tokenizer())
     return folder
 
 
@@ -104,7 +88,7 @@ def test_extract_matches_an_independent_forward(tmp_path, llama3, corpus, comput
     tok = json.loads((llama3 / "tokenizer.json").read_text())
     ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
     assert m.bos_token_id == ids[BOS] and m.mask_token_id == ids[RESERVED]
-    assert {ids[s] for s in SPECIALS} <= set(m.special_token_ids)
+    assert {ids[s] for s in LLAMA3_SPECIALS} <= set(m.special_token_ids)
     tokens, acts = stored(root, "clean")
     assert (tokens.reshape(-1, CTX)[:, 0] == ids[BOS]).all()
     want = reference(llama3, tokens, getattr(torch, compute))
