@@ -16,9 +16,9 @@ from cache_schema import STREAMS, data_bytes
 from cache_schema.dtypes import read_dtype
 from pipeline.errors import PipelineError
 
-WRITER_CHUNKS = 4
-"""Chunks of activations extraction holds in host memory at once: the one being filled, its
-concatenated copy, and the writer's queue of two (extract/writer.py)."""
+WRITER_CHUNKS = 3
+"""Chunks of activations extraction holds in host memory besides the group being computed: the
+writer's queue of two (extract/writer.py) and the one it writes."""
 
 
 @dataclass
@@ -102,7 +102,9 @@ def extract_estimate(shape: ModelShape, n_hooks: int, tokens: int, context_lengt
         "weights_bytes": shape.params * c_bytes,
         "activation_bytes": activations,
         "device_bytes": shape.params * c_bytes + activations,
-        "host_bytes": WRITER_CHUNKS * chunk + n_tokens * 4,  # + the packed int32 token ids
+        # the group of chunks one forward batch spans (or one chunk), and the writer's
+        "host_bytes": (max(1, batch_size // (rows_per_chunk // context_length)) + WRITER_CHUNKS)
+        * chunk,
         "storage_bytes_per_value": s_bytes,
         "flops": flops,
         "tflops": tflops,
