@@ -31,9 +31,14 @@ def write_synthetic_cache(root: str | Path, n_chunks: int = 8, rows_per_chunk: i
                           d_model: int = 64, layers: tuple[int, ...] = (0,),
                           context_length: int = 64, storage_dtype: str = "float32",
                           codec: str = "none", seed: int = 0,
-                          index_column: bool = True) -> Manifest:
+                          index_column: bool = True, distinct_chunks: int | None = None
+                          ) -> Manifest:
     """Write the cache and return its manifest; index_column=False leaves column 0 random (for
-    training benchmarks)."""
+    training benchmarks); distinct_chunks=n repeats the activations of the first n chunks
+    (chunk k holds those of k % n: caches of tens of GB for benchmarks, written at disk speed
+    rather than random-number speed; needs index_column=False)."""
+    if distinct_chunks is not None and index_column:
+        raise ValueError("distinct_chunks repeats activations: the index column would lie")
     root = Path(root)
     n_seq = n_chunks * rows_per_chunk // context_length
     m = Manifest(
@@ -48,6 +53,7 @@ def write_synthetic_cache(root: str | Path, n_chunks: int = 8, rows_per_chunk: i
     arrays = open_arrays(root, m)
     rng = np.random.default_rng(seed)
     R = rows_per_chunk
+    repeats: list[tuple[dict, dict]] = []  # activations and norms of the distinct chunks
     for k in range(n_chunks):
         rows = np.arange(k * R, (k + 1) * R)
         tokens = rng.integers(3, VOCAB, R).astype(np.int32)
@@ -57,6 +63,12 @@ def write_synthetic_cache(root: str | Path, n_chunks: int = 8, rows_per_chunk: i
         masked_tokens = np.where(is_masked, 2, tokens).astype(np.int32)
         data = {TOKENS: tokens, MASKED_TOKENS: masked_tokens, IS_MASKED: is_masked,
                 SEQ: (rows // context_length).astype(np.int32)}
+        if distinct_chunks is not None and k >= distinct_chunks:
+            first = repeats[k % distinct_chunks]
+            data.update(first[0])
+            write_chunk(root, m, arrays, k, data, chunk_stats(
+                first[1], np.isin(tokens, m.special_token_ids)))
+            continue
         norms = {}
         for layer in layers:
             clean = rng.normal(size=(R, d_model)).astype(np.float32)
@@ -73,5 +85,7 @@ def write_synthetic_cache(root: str | Path, n_chunks: int = 8, rows_per_chunk: i
                 data[activation_array(stream, h)] = stored
                 norms[h][stream] = np.linalg.norm(decode(stored, storage_dtype), axis=1)
         write_chunk(root, m, arrays, k, data, chunk_stats(norms, np.isin(tokens, m.special_token_ids)))
+        if distinct_chunks is not None:
+            repeats.append(({a: v for a, v in data.items() if "/" in a}, norms))
     return finalize(root, m)
 
