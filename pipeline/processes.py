@@ -6,6 +6,7 @@ bytes in tensors, never as pickled objects."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from dataclasses import dataclass
 
@@ -76,6 +77,31 @@ class Workers:
                 text = bytes(got[:size].cpu().tolist()).decode()
                 raise PipelineError(text if r == self.rank else f"process {r} of {self.world}: "
                                     f"{text}")
+
+    def together(self, fn):
+        """fn() on every process; if it fails on any (PipelineError), all of them raise."""
+        if self.world == 1:
+            return fn()
+        try:
+            result = fn()
+        except PipelineError as e:
+            self.agree(str(e))  # raises on every rank
+        self.agree(None)
+        return result
+
+    def same(self, what: str, settings: dict) -> None:
+        """Refuse to start unless every process was given rank 0's settings (a launch whose
+        processes disagree would otherwise train on mixed data or hang on mismatched shapes)."""
+        if self.world == 1:
+            return
+        mine = json.loads(json.dumps(settings, sort_keys=True, default=str))
+        main = json.loads(self.from_main(json.dumps(mine, sort_keys=True)))
+        differ = sorted(k for k in set(main) | set(mine) if main.get(k) != mine.get(k))
+        self.agree(None if not differ else
+                   f"the processes of this launch disagree on the {what}: "
+                   + "; ".join(f"{k} is {mine.get(k)!r} here but {main.get(k)!r} on process 0"
+                               for k in differ[:5])
+                   + ". Launch every process with the same command and the same cache")
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """t summed over the processes, in place."""

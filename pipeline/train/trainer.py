@@ -51,11 +51,13 @@ SWEEP_COMMON = ("cache", "layer", "batch_size", "seed", "window_chunks", "keep_s
 
 
 def train_many(cfgs: list[TrainConfig], progress: bool | None = None,
-               before_writing: Callable[[], None] | None = None) -> list[dict]:
+               before_writing: Callable[[], None] | None = None,
+               device: str | None = None) -> list[dict]:
     """Train K SAEs from one read of the cache: every batch goes to every SAE (one loader per
     distinct stream). Each has its own folder, metrics and checkpoints; resuming restarts all of
     them from the newest checkpoint step they all have. Nothing is written before every check
-    has passed; `before_writing` runs then, before the run folders are created."""
+    has passed; `before_writing` runs then, before the run folders are created. `device`: this
+    process's own device in a launched sweep (cuda:LOCAL_RANK for --device cuda)."""
     base = cfgs[0]
     for cfg in cfgs[1:]:
         differ = [k for k in SWEEP_COMMON if getattr(cfg, k) != getattr(base, k)]
@@ -66,7 +68,7 @@ def train_many(cfgs: list[TrainConfig], progress: bool | None = None,
         raise PipelineError("two SAEs of the sweep have the same output folder")
     manifest = open_cache(local_cache(base.cache))
     layer = resolve_layer(base, manifest.layers)
-    device = torch.device(resolve_device(base.device))
+    device = torch.device(device or resolve_device(base.device))
     for cfg in cfgs:  # bad SAE or device settings fail before any folder is created
         cfg.sae_config(manifest.d_model)
         use_cuda_graph(cfg, device)
