@@ -183,7 +183,8 @@ def _train(cfg) -> None:
     from pipeline.train.trainer import train as run_train
 
     summary = run_train(cfg)
-    typer.echo(json.dumps(summary, indent=1))
+    if summary:  # {} on the processes of a launch other than rank 0
+        typer.echo(json.dumps(summary, indent=1))
 
 
 def _register_train() -> None:

@@ -103,6 +103,25 @@ class Workers:
                                for k in differ[:5])
                    + ". Launch every process with the same command and the same cache")
 
+    def checked(self, work):
+        """work(ready) on every process, where work calls ready() once its own checks have
+        passed and before it writes anything: ready() waits for every process's checks, and a
+        check that fails on one process stops them all (exit 2) before any of them writes."""
+        if self.world == 1:
+            return work(lambda: None)
+        agreed = []
+
+        def ready() -> None:
+            agreed.append(True)
+            self.agree(None)
+
+        try:
+            return work(ready)
+        except PipelineError as e:
+            if not agreed:  # failed in its checks: the others wait for it in ready()
+                self.agree(str(e))
+            raise
+
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """t summed over the processes, in place."""
         if self.world > 1:
@@ -124,9 +143,9 @@ class Workers:
         self._collective(torch.distributed.all_reduce, n, op=torch.distributed.ReduceOp.MAX)
         return n.bool()
 
-    def _collective(self, op, *args, **kwargs) -> None:
+    def _collective(self, collective, *args, **kwargs) -> None:
         try:
-            op(*args, **kwargs)
+            collective(*args, **kwargs)
         except RuntimeError as e:  # a peer died or timed out: say so instead of a C++ trace
             raise PipelineError(
                 f"process {self.rank} of {self.world} lost a peer: another process of this job "

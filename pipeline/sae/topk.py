@@ -118,7 +118,9 @@ class TopKSAE(SAE):
         return min(self.cfg.aux_k, self.cfg.d_sae)
 
     def _aux_loss(self, err, err_hat, dead):
-        nmse = (err_hat - err).pow(2).mean() / (err - err.mean(0)).pow(2).mean().clamp_min(1e-12)
+        with torch.no_grad():  # err is detached: the variance is a constant, over the whole batch
+            var = self.ranks.mean_((err - self.ranks.mean_(err.mean(0))).pow(2).mean())
+        nmse = (err_hat - err).pow(2).mean() / var.clamp_min(1e-12)
         return self.cfg.aux_coeff * nmse * dead.any().float()
 
     def loss(self, x, l1_scale):

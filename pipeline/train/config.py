@@ -145,6 +145,23 @@ class TrainConfig:
         return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE}
 
 
+# Architectures whose batch statistic is not yet reduced over processes: BatchTopK keeps the
+# k x batch largest activations of the whole batch, selected inside the k-sparse kernel.
+NOT_DATA_PARALLEL = ("batchtopk",)
+
+
+def check_data_parallel(cfg: TrainConfig, world: int) -> None:
+    """Refuse a data-parallel run that cannot equal a single process's run on the same batches."""
+    if cfg.batch_size % world:
+        raise PipelineError(f"--batch-size {cfg.batch_size} is not divisible by the {world} "
+                            "processes of this launch: each takes an equal slice of every batch; "
+                            f"pass a multiple of {world}, or launch a divisor of {cfg.batch_size}")
+    if cfg.arch in NOT_DATA_PARALLEL:
+        raise PipelineError(f"--arch {cfg.arch} cannot train data-parallel yet (its batch-wide "
+                            "top-k is not reduced over processes): run one process per SAE "
+                            "(`pipeline sweep` under the launcher) or a single process")
+
+
 # The accepted range of every numeric setting: (lowest, highest, highest included); None = open.
 RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "layer": (0, None, True), "mix_fraction": (0, 1, True), "expansion": (1, None, True),

@@ -122,27 +122,26 @@ def sweep(base: TrainConfig, grid_file: str | None = None, sets: list[str] | Non
         team.same("sweep", {"cache id": cache_id, "grid": grid,
                             **{k: v for k, v in {**base.identity(), **overrides}.items()
                                if k != "cache"}})
-    agreed = []
 
     def write_listing() -> None:  # called once every point has passed every check
-        agreed.append(True)
-        team.agree(None)  # every rank's points passed theirs too
-        if team.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            (root / SWEEP_FILE).write_text(json.dumps(
-                {"grid": grid, "base": {**base.to_dict(), **overrides},
-                 "runs": [c.out for c in configs]}, indent=1, default=str))
+        root.mkdir(parents=True, exist_ok=True)
+        (root / SWEEP_FILE).write_text(json.dumps(
+            {"grid": grid, "base": {**base.to_dict(), **overrides},
+             "runs": [c.out for c in configs]}, indent=1, default=str))
+
+    def work(ready) -> list[dict]:
+        def before_writing() -> None:
+            ready()
+            if team.is_main:
+                write_listing()
+        if not mine:  # more processes than points
+            before_writing()
+            return []
+        return train_many(mine, before_writing=before_writing,
+                          device=team.device(resolve_device(base.device)))
 
     mine = team.dealt(configs)
-    try:
-        if not mine:  # more processes than points
-            write_listing()
-        summaries = train_many(mine, before_writing=write_listing,
-                               device=team.device(resolve_device(base.device))) if mine else []
-    except PipelineError as e:
-        if not agreed:  # failed in its checks: tell the others, who wait in write_listing
-            team.agree(str(e))
-        raise
+    summaries = team.checked(work)
     if team.world == 1:
         return summaries
     return [read_summary(Path(c.out)) for c in configs] if team.is_main else []
