@@ -164,7 +164,8 @@ class Run:
         self.step = TrainStep(self.sae, cfg.batch_size, manifest.d_model, self.scale, total,
                               cfg.lr, (cfg.beta1, cfg.beta2), cfg.grad_clip,
                               cfg.lr_warmup_steps, cfg.lr_decay_fraction, cfg.sae["l1_warmup_steps"],
-                              history=cfg.log_every, use_graph=use_cuda_graph(cfg, device),
+                              history=cfg.log_every,
+                              use_graph=use_cuda_graph(cfg, device) and team.world == 1,
                               ranks=team)
         meta: dict = {}
         if start:
