@@ -135,6 +135,21 @@ class Workers:
             t.div_(self.world)
         return t
 
+    def min_(self, t: torch.Tensor) -> torch.Tensor:
+        """t's elementwise minimum over the processes, in place."""
+        if self.world > 1:
+            self._collective(torch.distributed.all_reduce, t,
+                             op=torch.distributed.ReduceOp.MIN)
+        return t
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's t (all the same shape), concatenated in rank order."""
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        self._collective(torch.distributed.all_gather, parts, t.contiguous())
+        return torch.cat(parts)
+
     def any_(self, t: torch.Tensor) -> torch.Tensor:
         """A bool tensor or-ed over the processes (a new tensor; t itself for one process)."""
         if self.world == 1:

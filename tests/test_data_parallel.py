@@ -1,6 +1,6 @@
 """Data-parallel `pipeline train` under torchrun (gloo on CPU, 2 processes): equal to one process
 on the same global batches, batch statistics included; a killed rank's run resumes to the same
-weights; batches that do not split evenly are refused."""
+weights; batches that do not split evenly, and BatchTopK's dense reference, are refused."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ ARCHS = {"relu": ["--arch", "relu"],
          # AuxK turns on at the check of step 75 and trains the last 25 steps
          "topk": ["--arch", "topk", "--k", "2", "--aux-k", "8", "--dead-tokens", "64",
                   "--steps", "100", "--checkpoint-every", "25", "--log-every", "5"],
-         "gated": ["--arch", "gated"]}
+         "gated": ["--arch", "gated"],
+         "batchtopk": ["--arch", "batchtopk", "--k", "2"]}
 
 
 def train_args(cache, out, *extra, steps=60, every=20) -> list[str]:  # noqa: F811
@@ -34,7 +35,7 @@ def train_args(cache, out, *extra, steps=60, every=20) -> list[str]:  # noqa: F8
     flags, rest = dict(base), []
     it = iter(extra)
     for word in it:
-        if word in base or (word.startswith("--") and word not in ("--resume",)):
+        if word in base or (word.startswith("--") and word not in ("--resume", "--no-sparse")):
             flags[word] = next(it)
         else:
             rest.append(word)
@@ -100,6 +101,7 @@ def test_refused_data_parallel_runs_exit_2_before_writing(cache, tmp_path):  # n
     uneven = launch(2, train_args(cache, tmp_path / "u", "--batch-size", "63"), ok=False)
     assert "--batch-size 63 is not divisible by the 2 processes" in uneven.stderr
     assert "exitcode  : 2" in uneven.stderr and not (tmp_path / "u").exists()
-    batchtopk = launch(2, train_args(cache, tmp_path / "b", "--arch", "batchtopk"), ok=False)
-    assert "--arch batchtopk cannot train data-parallel yet" in batchtopk.stderr
+    batchtopk = launch(2, train_args(cache, tmp_path / "b", "--arch", "batchtopk",
+                                     "--no-sparse"), ok=False)
+    assert "--arch batchtopk --no-sparse cannot train data-parallel" in batchtopk.stderr
     assert not (tmp_path / "b").exists()

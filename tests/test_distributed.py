@@ -107,3 +107,26 @@ def test_processes_that_disagree_on_the_sweep_stop_before_writing(cache, tmp_pat
     assert "disagree on the sweep: lr is 0.001 here but 0.0002 on process 0" in done.stderr
     assert "exitcode  : 2" in done.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_a_process_that_does_not_answer_stops_the_others_within_the_timeout(cache, tmp_path):
+    import time
+
+    # rank 1 stalls after joining: rank 0's first collective times out, exits 2 and says why
+    script = ("import os, time; from pipeline import processes; from pipeline.cli import app\n"
+              "if os.environ['RANK'] == '1':\n"
+              "    slow = processes.Workers.together\n"
+              "    processes.Workers.together = lambda self, fn: (time.sleep(120), "
+              "slow(self, fn))[1]\n"
+              "app()")
+    args = command(2, sweep_args(cache, tmp_path / "s"))
+    at = args.index("-m", args.index("--master_port"))
+    launcher = [*args[:at], "--no-python", "python", "-c", script, *args[at + 2:]]
+    start = time.time()
+    done = subprocess.run(launcher, env={**ENV, "PIPELINE_PEER_TIMEOUT": "5"},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert time.time() - start < 90
+    assert "process 0 of 2 lost a peer" in done.stderr and "within 5 s" in done.stderr
+    assert "exitcode  : 2" in done.stderr
+    assert not (tmp_path / "s").exists()

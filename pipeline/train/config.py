@@ -145,9 +145,9 @@ class TrainConfig:
         return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE}
 
 
-# Architectures whose batch statistic is not yet reduced over processes: BatchTopK keeps the
-# k x batch largest activations of the whole batch, selected inside the k-sparse kernel.
-NOT_DATA_PARALLEL = ("batchtopk",)
+# Architectures whose batch statistic is reduced over processes in their k-sparse step only:
+# the dense reference (--no-sparse) selects BatchTopK's k x batch largest on one process's rows.
+SPARSE_ONLY_DATA_PARALLEL = ("batchtopk",)
 
 
 def check_data_parallel(cfg: TrainConfig, world: int) -> None:
@@ -159,10 +159,10 @@ def check_data_parallel(cfg: TrainConfig, world: int) -> None:
     if cfg.cuda_graph == "on":
         raise PipelineError("--cuda-graph on: a data-parallel step runs eagerly for now (its "
                             "all-reduces are not captured); use --cuda-graph auto or off")
-    if cfg.arch in NOT_DATA_PARALLEL:
-        raise PipelineError(f"--arch {cfg.arch} cannot train data-parallel yet (its batch-wide "
-                            "top-k is not reduced over processes): run one process per SAE "
-                            "(`pipeline sweep` under the launcher) or a single process")
+    if cfg.arch in SPARSE_ONLY_DATA_PARALLEL and not cfg.sae.get("sparse", True):
+        raise PipelineError(f"--arch {cfg.arch} --no-sparse cannot train data-parallel (the "
+                            "dense reference takes its batch-wide top-k on one process's rows): "
+                            "drop --no-sparse, or run a single process")
 
 
 # The accepted range of every numeric setting: (lowest, highest, highest included); None = open.
