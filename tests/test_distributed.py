@@ -130,3 +130,25 @@ def test_a_process_that_does_not_answer_stops_the_others_within_the_timeout(cach
     assert "process 0 of 2 lost a peer" in done.stderr and "within 5 s" in done.stderr
     assert "exitcode  : 2" in done.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_deals_a_sweep_like_torchrun(cache, tmp_path):
+    import sys
+
+    from tests.test_multiprocess import free_port
+
+    pytest.importorskip("accelerate")
+    # --multi_gpu is accelerate's torchrun path (without GPUs too: --device cpu picks gloo);
+    # its --cpu mode launches through mpirun instead
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                  "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                  "-m", "pipeline.cli"]
+    args = sweep_args(cache, tmp_path / "acc")
+    done = subprocess.run([*accelerate, *args], env=ENV, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    launch(1, sweep_args(cache, tmp_path / "one"))
+    assert weights(tmp_path / "acc") == weights(tmp_path / "one")
+    assert done.stdout.count('"run"') == 5
