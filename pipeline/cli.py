@@ -183,7 +183,8 @@ def _train(cfg) -> None:
     from pipeline.train.trainer import train as run_train
 
     summary = run_train(cfg)
-    typer.echo(json.dumps(summary, indent=1))
+    if summary:  # {} on the processes of a launch other than rank 0
+        typer.echo(json.dumps(summary, indent=1))
 
 
 def _register_train() -> None:
@@ -202,8 +203,9 @@ def _sweep(cfg, grid: str | None = None, set_: list[str] | None = None) -> None:
     from pipeline.train.sweep import sweep
 
     summaries = sweep(cfg, grid, set_)
-    typer.echo(json.dumps([{k: s.get(k) for k in ("run", "arch", "d_sae", "steps", "holdout")}
-                           for s in summaries], indent=1))
+    if summaries:  # [] on the processes of a launch other than rank 0, which prints them all
+        typer.echo(json.dumps([{k: s.get(k) for k in ("run", "arch", "d_sae", "steps",
+                                                      "holdout")} for s in summaries], indent=1))
 
 
 def _register_sweep() -> None:

@@ -10,8 +10,8 @@ import zarr
 from cache_schema import activation_array, hook_name, read_manifest, write_manifest
 from pipeline.errors import PipelineError
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.distributed import Workers
 from pipeline.extract.run import extract
+from pipeline.processes import Workers
 
 # 8 sequences of 32 tokens per chunk; 5 chunks, so the last group of two is one chunk short
 BASE = dict(layers=[1], tokens=5 * 256, context_length=32, rows_per_chunk=256, device="cpu")

@@ -1,4 +1,13 @@
-"""`pipeline extract`: clean and masked residual activations of a causal LM into a Zarr cache."""
+"""`pipeline extract`: clean and masked residual activations of a causal LM into a Zarr cache.
+
+Several processes on one cache (launched by `torchrun` or `accelerate launch`, see
+pipeline.processes): process r of N takes the chunks k with (k // chunks_per_batch) % N == r
+(chunks_per_batch is 1 unless a forward batch spans chunks). Rank 0 takes the cache's writer
+lock and creates (or checks) the cache, a barrier releases the others; once every rank has passed
+a barrier at the end, rank 0 marks the cache complete (finalize) and only then lets the lock go,
+so the ranks of one job never lock each other out and no other job can start in between. A
+killed process leaves its chunks without records: the cache stays 'writing' and any later run
+resumes it."""
 
 from __future__ import annotations
 
@@ -32,12 +41,12 @@ from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.corpus import Corpus
-from pipeline.extract.distributed import Workers, check_launch, workers
 from pipeline.extract.forward import Forward
 from pipeline.extract.masking import choose_mask_token, mask_sequences
 from pipeline.extract.output import lock_output, prepare_output, prepare_remote, uploader
 from pipeline.extract.writer import ChunkWriter, check_finite
 from pipeline.plan.estimate import check_space, human
+from pipeline.processes import Workers, check_launch, workers
 from pipeline.remote import is_remote, mirror
 
 

@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from pipeline.processes import ALONE, Workers
 from pipeline.sae.mse import squared_error
 from pipeline.sae.sparse import mean_l0
 
@@ -79,6 +80,9 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.int64))
+        # The processes sharing each batch in data-parallel training: statistics over the
+        # batch (firing, EMAs, thresholds) reduce over all of them.
+        self.ranks: Workers = ALONE
 
     # -- forward --------------------------------------------------------------------------------
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,8 +137,10 @@ class SAE(nn.Module):
         return {}
 
     def count_firing(self, fired: torch.Tensor, n_tokens: int) -> None:
-        """After a batch of n_tokens in which the latents `fired` ([d_sae] bool) were active."""
-        self.tokens_since_fired.add_(n_tokens)
+        """After a batch of n_tokens (this process's rows) in which the latents `fired` ([d_sae]
+        bool) were active."""
+        fired = self.ranks.any_(fired)
+        self.tokens_since_fired.add_(n_tokens * self.ranks.world)
         self.tokens_since_fired.masked_fill_(fired, 0)
 
     def l0(self, code) -> torch.Tensor:

@@ -79,6 +79,7 @@ class MaskedSAE(ReluSAE):
 
     def latent_means(self, means: torch.Tensor) -> None:
         m = self.cfg.mask_momentum
+        means = self.ranks.mean_(means)  # equal slices: the mean of the means is the batch's
         self.ema.mul_(m).add_(means, alpha=1 - m)
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.processes import ALONE, Workers
 from pipeline.sae import native
 from pipeline.sae.workspace import Workspace
 
@@ -95,14 +96,21 @@ def _per_row(top: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return torch.relu(top).reshape(-1), idx.reshape(-1), rows, offsets
 
 
-def _per_batch(pre: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+def _per_batch(pre: torch.Tensor, n: int, ranks: Workers = ALONE) -> tuple[torch.Tensor, ...]:
     """(vals, latents, rows, offsets) of the n largest entries of the whole batch, by row.
     The batch as one row through the CPU kernel or grouped_topk, never one torch.topk over the
-    flat batch (one core on CPU; a full sort of B x d_sae on CUDA)."""
+    flat batch (one core on CPU; a full sort of B x d_sae on CUDA). Data parallel (n per
+    process, the batch split over `ranks`): the global n x world largest; each process keeps
+    up to all of them (static shapes) and zeroes those below the global threshold, which no
+    gradient then reaches (ties at the threshold keep all of them)."""
     b, d_sae = pre.shape
+    want = min(n * ranks.world, b * d_sae)
     flat_pre = pre.view(1, -1)
-    found = row_topk(flat_pre, n) if native.usable(pre) else grouped_topk(flat_pre, n)
+    found = row_topk(flat_pre, want) if native.usable(pre) else grouped_topk(flat_pre, want)
     top, flat = (t[0] for t in found)
+    if ranks.world > 1:
+        every = ranks.gather(top)
+        top = top * (top >= every.topk(n * ranks.world, sorted=False).values.min())
     flat, order = flat.sort()
     rows = torch.div(flat, d_sae, rounding_mode="floor")
     offsets = torch.searchsorted(rows, torch.arange(b, device=pre.device))
@@ -118,13 +126,13 @@ class SparseEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_enc, b_enc, b_dec, k: int, per_row: bool, dead, aux_k: int,
-                ws: Workspace):
+                ws: Workspace, ranks: Workers = ALONE):
         xc = x - b_dec
         pre = ws.get("pre", (len(x), w_enc.shape[1]), x)
         fold = per_row and native.usable(x)  # the CPU kernel adds b_enc in its own pass
         pre = torch.mm(xc, w_enc, out=pre) if fold else torch.addmm(b_enc, xc, w_enc, out=pre)
         main = _per_row(*row_topk(pre, k, b_enc if fold else None)) if per_row else \
-            _per_batch(pre, k * len(x))
+            _per_batch(pre, k * len(x), ranks)
         codes = [main]
         if dead is not None:  # live latents out of reach: -inf
             only_dead = torch.zeros_like(b_enc).masked_fill_(~dead, float("-inf"))
@@ -153,9 +161,9 @@ class SparseEncode(torch.autograd.Function):
             grad_wt = part if grad_wt is None else grad_wt.add_(part)
             grad_b_enc = bias if grad_b_enc is None else grad_b_enc.add_(bias)
         if grad_wt is None:
-            return (None,) * 9
+            return (None,) * 10
         grad_b_dec = -(w_enc @ grad_b_enc)
-        return None, grad_wt.t(), grad_b_enc, grad_b_dec, None, None, None, None, None
+        return None, grad_wt.t(), grad_b_enc, grad_b_dec, None, None, None, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):

@@ -118,7 +118,9 @@ class TopKSAE(SAE):
         return min(self.cfg.aux_k, self.cfg.d_sae)
 
     def _aux_loss(self, err, err_hat, dead):
-        nmse = (err_hat - err).pow(2).mean() / (err - err.mean(0)).pow(2).mean().clamp_min(1e-12)
+        with torch.no_grad():  # err is detached: the variance is a constant, over the whole batch
+            var = self.ranks.mean_((err - self.ranks.mean_(err.mean(0))).pow(2).mean())
+        nmse = (err_hat - err).pow(2).mean() / var.clamp_min(1e-12)
         return self.cfg.aux_coeff * nmse * dead.any().float()
 
     def loss(self, x, l1_scale):
@@ -128,7 +130,7 @@ class TopKSAE(SAE):
             return super().loss(x, l1_scale)
         dead = self.dead_mask() if self.aux_active else None
         out = SparseEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k,
-                                 self.per_row, dead, self.aux_k(), self.workspace)
+                                 self.per_row, dead, self.aux_k(), self.workspace, self.ranks)
         code = SparseCode(*out[:4], d_sae=self.cfg.d_sae)
         x_hat = sparse_decode(code, self.W_dec) + self.b_dec
         mse, err = squared_error(x, x_hat)
@@ -176,7 +178,7 @@ class BatchTopKSAE(TopKSAE):
 
     def update_stats(self, z: torch.Tensor) -> None:
         """z: the training latents, or only the values of the active ones (sparse step)."""
-        smallest = z.masked_fill(z <= 0, float("inf")).min()
+        smallest = self.ranks.min_(z.masked_fill(z <= 0, float("inf")).min())
         smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold)
         m = self.cfg.threshold_momentum
         self.threshold.mul_(m).add_(smallest, alpha=1 - m)

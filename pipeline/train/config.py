@@ -148,6 +148,26 @@ class TrainConfig:
         return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE}
 
 
+# Architectures whose batch statistic is reduced over processes in their k-sparse step only:
+# the dense reference (--no-sparse) selects BatchTopK's k x batch largest on one process's rows.
+SPARSE_ONLY_DATA_PARALLEL = ("batchtopk",)
+
+
+def check_data_parallel(cfg: TrainConfig, world: int) -> None:
+    """Refuse a data-parallel run that cannot equal a single process's run on the same batches."""
+    if cfg.batch_size % world:
+        raise PipelineError(f"--batch-size {cfg.batch_size} is not divisible by the {world} "
+                            "processes of this launch: each takes an equal slice of every batch; "
+                            f"pass a multiple of {world}, or launch a divisor of {cfg.batch_size}")
+    if cfg.cuda_graph == "on":
+        raise PipelineError("--cuda-graph on: a data-parallel step runs eagerly for now (its "
+                            "all-reduces are not captured); use --cuda-graph auto or off")
+    if cfg.arch in SPARSE_ONLY_DATA_PARALLEL and not cfg.sae.get("sparse", True):
+        raise PipelineError(f"--arch {cfg.arch} --no-sparse cannot train data-parallel (the "
+                            "dense reference takes its batch-wide top-k on one process's rows): "
+                            "drop --no-sparse, or run a single process")
+
+
 # The accepted range of every numeric setting: (lowest, highest, highest included); None = open.
 RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "layer": (0, None, True), "mix_fraction": (0, 1, True), "expansion": (1, None, True),

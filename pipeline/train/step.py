@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.processes import ALONE, Workers
 from pipeline.sae import SAE
 from pipeline.sae.mse import mean_square
 from pipeline.train.memory import keep_freed_memory
@@ -59,8 +60,13 @@ class TrainStep:
     def __init__(self, sae: SAE, batch_size: int, d_in: int, scale: float, total_steps: int,
                  lr: float, betas: tuple[float, float] = (0.9, 0.999), grad_clip: float = 1.0,
                  lr_warmup_steps: int = 0, lr_decay_fraction: float = 0.0,
-                 l1_warmup_steps: int = 0, history: int = 50, use_graph: bool = False):
-        self.sae = sae
+                 l1_warmup_steps: int = 0, history: int = 50, use_graph: bool = False,
+                 ranks: Workers = ALONE):
+        self.sae, self.ranks = sae, ranks
+        # Data parallel: every process holds the whole batch and trains on its own equal slice
+        # of rows; gradients and statistics are averaged, so the step is one step on the batch.
+        share = batch_size // ranks.world
+        self.rows = slice(ranks.rank * share, (ranks.rank + 1) * share)
         self.device = next(sae.parameters()).device
         dev = self.device
         self.x = torch.zeros(batch_size, d_in, device=dev)
@@ -94,8 +100,12 @@ class TrainStep:
         lr, l1_scale = self._schedule()
         self.lr_t.copy_(lr)
         x = self.x * self.scale
-        loss, parts, _x_hat, code = self.sae.loss(x, l1_scale)
+        loss, parts, _x_hat, code = self.sae.loss(x[self.rows], l1_scale)
         loss.backward()
+        if self.ranks.world > 1:
+            for p in self.sae.parameters():
+                if p.grad is not None:
+                    self.ranks.mean_(p.grad)
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.grad_clip)
         for p, q in self.views.values():
@@ -163,7 +173,11 @@ class TrainStep:
 
     def take_sums(self) -> dict[str, float]:
         """Host copy of the metric sums since the last call, then reset them (one sync)."""
-        values = torch.stack([self.sums[n] for n in SUMS]).tolist()
+        stacked = self.ranks.sum_(torch.stack([self.sums[n] for n in SUMS]))
+        if self.ranks.world > 1:  # means of the processes' means; nonfinite (last) stays a count
+            stacked[:-1] /= self.ranks.world
+        self.ranks.mean_(self.history)  # each process's step mse: the batch's is their mean
+        values = stacked.tolist()
         for t in self.sums.values():
             t.zero_()
         return dict(zip(SUMS, values, strict=True))

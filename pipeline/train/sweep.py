@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 import tomllib
 import typing
 from pathlib import Path
 
+from cache_schema import open_cache
+from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
-from pipeline.run import SWEEP_FILE, sweep_point_dir
+from pipeline.processes import check_launch, workers
+from pipeline.remote import local_cache
+from pipeline.run import SWEEP_FILE, RunDir, sweep_point_dir
 from pipeline.train.config import TrainConfig, flat_hints
 from pipeline.train.trainer import SWEEP_COMMON, train_many
 
@@ -104,10 +109,19 @@ def expand(base: TrainConfig, overrides: dict, grid: dict[str, list]) -> list[Tr
 def sweep(base: TrainConfig, grid_file: str | None = None, sets: list[str] | None = None,
           ) -> list[dict]:
     """Validate every point of the grid (settings, cache, loaders, folders), then write
-    sweep.json and train them all."""
-    overrides, grid = read_grid(grid_file, sets or [])
-    configs = expand(base, overrides, grid)
+    sweep.json and train them all. Under a launcher (torchrun, accelerate launch) the points are
+    dealt to the processes, each on its own device; every rank checks its points before any
+    writes, rank 0 writes sweep.json and returns every point's summary, the others []."""
+    check_launch(base.device)
+    team = workers(resolve_device(base.device))
+    overrides, grid = team.together(lambda: read_grid(grid_file, sets or []))
+    configs = team.together(lambda: expand(base, overrides, grid))
     root = Path(base.out)
+    if team.world > 1:
+        cache_id = team.together(lambda: open_cache(local_cache(base.cache)).cache_id)
+        team.same("sweep", {"cache id": cache_id, "grid": grid,
+                            **{k: v for k, v in {**base.identity(), **overrides}.items()
+                               if k != "cache"}})
 
     def write_listing() -> None:  # called once every point has passed every check
         root.mkdir(parents=True, exist_ok=True)
@@ -115,4 +129,30 @@ def sweep(base: TrainConfig, grid_file: str | None = None, sets: list[str] | Non
             {"grid": grid, "base": {**base.to_dict(), **overrides},
              "runs": [c.out for c in configs]}, indent=1, default=str))
 
-    return train_many(configs, before_writing=write_listing)
+    def work(ready) -> list[dict]:
+        def before_writing() -> None:
+            ready()
+            if team.is_main:
+                write_listing()
+        if not mine:  # more processes than points
+            before_writing()
+            return []
+        return train_many(mine, before_writing=before_writing,
+                          device=team.device(resolve_device(base.device)))
+
+    mine = team.dealt(configs)
+    summaries = team.checked(work)
+    if team.world == 1:
+        return summaries
+    return [read_summary(Path(c.out)) for c in configs] if team.is_main else []
+
+
+def read_summary(run: Path, poll_s: float = 0.5) -> dict:
+    """A point's summary.json once its process has written it (ranks finish at their own pace;
+    a rank that dies is reported by the launcher, which stops this one)."""
+    path = RunDir(run).summary
+    while True:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):  # not there yet, or being written
+            time.sleep(poll_s)

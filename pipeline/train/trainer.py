@@ -15,12 +15,13 @@ from cache_schema import open_cache
 from pipeline.data import ActivationLoader
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
+from pipeline.processes import ALONE, Workers, check_launch, workers
 from pipeline.remote import local_cache
 from pipeline.run import RunDir
 from pipeline.sae import SAE, build_sae
 from pipeline.sae.recon import reconstruction_metrics
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainConfig, check_data_parallel
 from pipeline.train.plot import plot_training
 from pipeline.train.rundir import check_run_dir, create_run_dir
 from pipeline.train.step import TrainStep
@@ -41,8 +42,20 @@ def use_cuda_graph(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train (or resume) one SAE; returns the summary also written to summary.json."""
-    return train_many([cfg])[0]
+    """Train (or resume) one SAE; returns the summary also written to summary.json. Under a
+    launcher (torchrun, accelerate launch), data-parallel over the processes: each takes an
+    equal slice of every batch; rank 0 writes the run folder and returns the summary, the
+    others {}."""
+    check_launch(cfg.device)
+    team = workers(resolve_device(cfg.device))
+    if team.world > 1:
+        team.together(lambda: check_data_parallel(cfg, team.world))
+        cache_id = team.together(lambda: open_cache(local_cache(cfg.cache)).cache_id)
+        team.same("training run", {"cache id": cache_id, **{
+            k: v for k, v in cfg.identity().items() if k != "cache"}})
+    return team.checked(lambda ready: train_many(
+        [cfg], before_writing=ready, device=team.device(resolve_device(cfg.device)),
+        team=team))[0]
 
 
 # Settings every SAE of one sweep must share: they read the same batches in lockstep.
@@ -51,11 +64,14 @@ SWEEP_COMMON = ("cache", "layer", "batch_size", "seed", "window_chunks", "keep_s
 
 
 def train_many(cfgs: list[TrainConfig], progress: bool | None = None,
-               before_writing: Callable[[], None] | None = None) -> list[dict]:
+               before_writing: Callable[[], None] | None = None,
+               device: str | None = None, team: Workers = ALONE) -> list[dict]:
     """Train K SAEs from one read of the cache: every batch goes to every SAE (one loader per
     distinct stream). Each has its own folder, metrics and checkpoints; resuming restarts all of
     them from the newest checkpoint step they all have. Nothing is written before every check
-    has passed; `before_writing` runs then, before the run folders are created."""
+    has passed; `before_writing` runs then, before the run folders are created. `device`: this
+    process's own device in a launched job (cuda:LOCAL_RANK for --device cuda); `team`: the
+    processes that train these SAEs data-parallel (rank 0 writes)."""
     base = cfgs[0]
     for cfg in cfgs[1:]:
         differ = [k for k in SWEEP_COMMON if getattr(cfg, k) != getattr(base, k)]
@@ -66,7 +82,7 @@ def train_many(cfgs: list[TrainConfig], progress: bool | None = None,
         raise PipelineError("two SAEs of the sweep have the same output folder")
     manifest = open_cache(local_cache(base.cache))
     layer = resolve_layer(base, manifest.layers)
-    device = torch.device(resolve_device(base.device))
+    device = torch.device(device or resolve_device(base.device))
     for cfg in cfgs:  # bad SAE or device settings fail before any folder is created
         cfg.sae_config(manifest.d_model)
         use_cuda_graph(cfg, device)
@@ -86,14 +102,14 @@ def train_many(cfgs: list[TrainConfig], progress: bool | None = None,
                     holdout_chunks=cfg.holdout_chunks, mix_fraction=cfg.mix_fraction)
         if before_writing is not None:
             before_writing()
-        for cfg in cfgs:
+        for cfg in cfgs if team.is_main else []:
             create_run_dir(cfg, manifest)
         total = _total_steps(base, next(iter(loaders.values())))
-        runs = [Run(cfg, manifest, layer, device, total, loaders[_stream_key(cfg)], start)
+        runs = [Run(cfg, manifest, layer, device, total, loaders[_stream_key(cfg)], start, team)
                 for cfg in cfgs]
         show = base.progress if progress is None else progress
         desc = f"train {base.arch}" if len(runs) == 1 else f"sweep of {len(runs)}"
-        bar = tqdm(total=total, initial=start, unit="step", desc=desc, disable=not show,
+        bar = tqdm(total=total, initial=start, unit="step", desc=desc, disable=not show or not team.is_main,
                    file=sys.stderr, smoothing=0.05)
         try:
             for s in range(start, total):
@@ -108,7 +124,8 @@ def train_many(cfgs: list[TrainConfig], progress: bool | None = None,
         finally:
             bar.close()
             for run in runs:
-                run.metrics.close()
+                if run.metrics is not None:
+                    run.metrics.close()
         return [run.finish() for run in runs]
     finally:
         for loader in loaders.values():
@@ -139,20 +156,24 @@ class Run:
     """One SAE being trained: its folder, step function, metrics log and checkpoints."""
 
     def __init__(self, cfg: TrainConfig, manifest, layer: int, device: torch.device,
-                 total: int, loader: ActivationLoader, start: int):
+                 total: int, loader: ActivationLoader, start: int, team: Workers = ALONE):
         self.cfg, self.manifest, self.layer, self.total = cfg, manifest, layer, total
-        self.loader, self.dir = loader, RunDir(cfg.out)
+        self.loader, self.dir, self.team = loader, RunDir(cfg.out), team
         self.scale = loader.norm_scale if cfg.normalize else 1.0
         self.sae = build_sae(cfg.sae_config(manifest.d_model),
                              generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+        self.sae.ranks = team
         self.step = TrainStep(self.sae, cfg.batch_size, manifest.d_model, self.scale, total,
                               cfg.lr, (cfg.beta1, cfg.beta2), cfg.grad_clip,
                               cfg.lr_warmup_steps, cfg.lr_decay_fraction, cfg.sae["l1_warmup_steps"],
-                              history=cfg.log_every, use_graph=use_cuda_graph(cfg, device))
+                              history=cfg.log_every,
+                              use_graph=use_cuda_graph(cfg, device) and team.world == 1,
+                              ranks=team)
         meta: dict = {}
         if start:
             meta = self._resume(start)
-        self.metrics = self.dir.metrics_log(truncate_at=meta.get("metrics_offset", 0))
+        self.metrics = self.dir.metrics_log(truncate_at=meta.get("metrics_offset", 0)) \
+            if team.is_main else None
         self.t0, self.last_log = time.perf_counter(), start
 
     def _resume(self, start: int) -> dict:
@@ -196,6 +217,8 @@ class Run:
                 f"{done - row['steps']} and {done}; stopped. Last good checkpoint: "
                 f"{last[-1] if last else 'none yet'}. Lower --lr or check the cache "
                 "(`pipeline verify`)")
+        if self.metrics is None:  # not rank 0: it took part in the sums, rank 0 writes
+            return None
         self.metrics.write(row)
         if done % cfg.checkpoint_every == 0 or done == self.total:
             _save(self.dir, self.step, self.sae, done, self.metrics.offset(), self.manifest, cfg)
@@ -204,6 +227,8 @@ class Run:
                 "tok_s": f"{row['tokens_per_s']:.3g}"}
 
     def finish(self) -> dict:
+        if not self.team.is_main:
+            return {}
         return _finish(self.cfg, self.dir, self.sae, self.scale, self.manifest, self.layer,
                        self.loader, self.total)
 
