@@ -22,7 +22,8 @@ sae_bench/evals/absorption/, file:function in brackets), in our own code:
 5. Scored words [feature_absorption.py:get_stats_and_likely_false_negative_tokens]: the test
    words of the letter that its probe accepts (logit > 0), each in a fresh prompt whose 10
    examples come from all the words [feature_absorption_calculator.py:calculate_absorption].
-6. Per word [same]: p is the unit probe direction, a latent's projection is z_i * cos(W_dec_i, p).
+6. Per word [same]: p is the unit probe direction, a latent's projection is z_i * cos(W_dec_i, p)
+   (its contribution along p only if |W_dec_i| = 1: SAEBench warns otherwise, and so do we).
    Absorption fraction: 0 if the main latents' projection reaches x . p or the top 3 other
    latents with cos >= 0.1 and positive projection carry less than 40% of x . p; 1 if the main
    latents' projection is <= 0; else absorbed / (absorbed + main), absorbed = min(top-3 sum,
@@ -45,6 +46,7 @@ the SAE's reconstruction instead of the residual.
 from __future__ import annotations
 
 import string
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -173,6 +175,12 @@ def absorption_scores(train_acts: torch.Tensor, train_labels: torch.Tensor,
     acts = rescore(positions) if positions else test_acts[:0]
     names = list(range(len(test_labels))) if test_words is None else list(test_words)
     w_dec = sae.W_dec.detach().float()
+    norms = w_dec.norm(dim=1)
+    if (norms - 1).abs().max() > 1e-2:
+        print(f"warning: decoder rows are not unit-norm (norms {float(norms.min()):.3g}-"
+              f"{float(norms.max()):.3g}): SAEBench's projection z_i * cos, which absorption "
+              "follows, understates such latents' share of the probe projection by their norm",
+              file=sys.stderr)
     with torch.no_grad():
         z = sae.encode(acts)
     start = 0
@@ -192,7 +200,9 @@ def absorption_scores(train_acts: torch.Tensor, train_labels: torch.Tensor,
                                     if f]
         res.mean_absorption_fraction = float(fraction.sum()) / len(rows)
         res.full_absorption_rate = float(full.sum()) / len(rows)
-    return _summary(results, cfg, len(train_labels), len(test_labels))
+    out = _summary(results, cfg, len(train_labels), len(test_labels))
+    out["decoder_norm_range"] = [float(norms.min()), float(norms.max())]
+    return out
 
 
 def _probe_letters(train_acts, train_labels, test_acts, test_labels, sae, cfg):
