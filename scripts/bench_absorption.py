@@ -170,9 +170,10 @@ def main() -> None:
         if len(ours[name]) > 1:
             entry["ours_seed_vs_seed"] = compare(ours[name][0], ours[name][1])
         if sb_runs:
-            sb = [saebench_view(run["saes"][name]) for run in sb_runs]
+            done_runs = [run for run in sb_runs if name in run["saes"]]  # a run stopped early
+            sb = [saebench_view(run["saes"][name]) for run in done_runs]
             sb_s = float(np.mean([run["probe_seconds"] + run["saes"][name]["seconds"]
-                                  for run in sb_runs]))
+                                  for run in done_runs])) if done_runs else None
             entry.update(saebench=sb, saebench_seconds=sb_s)
             if len(sb) > 1 and all(s["mean"] is not None for s in sb) and ours[name][0]["mean"] \
                     is not None:

@@ -67,13 +67,56 @@ def split_seed(words: list[str], start: int) -> int:
     raise SystemExit("no split in 1000 seeds has every letter on both sides: take more words")
 
 
+def letter_values(raw, f1: dict, min_f1: float) -> dict:
+    """main.py:run_eval's per-letter values of the letters whose probe F1 is above min_f1."""
+    from sae_bench.evals.absorption.main import _aggregate_results_df
+
+    letters = {}
+    for _, row in _aggregate_results_df(raw).iterrows():
+        letter = row["letter"].upper()
+        if f1[letter] > min_f1:
+            letters[letter] = {"absorption_fraction": float(row["mean_absorption_fraction"]),
+                               "full_absorption_rate": float(row["full_absorption_rate"]),
+                               "words": int(row["num_probe_true_positives"]),
+                               "main_latents": [int(i) for i in row["split_feats"]]}
+    return {"mean_absorption_fraction": statistics.mean(
+                v["absorption_fraction"] for v in letters.values()),
+            "mean_full_absorption": statistics.mean(
+                v["full_absorption_rate"] for v in letters.values()),
+            "letters": letters}
+
+
+def collect(work: Path, names: list[str], layer: int) -> list[dict]:
+    """The runs under `work` read back from SAEBench's files, for runs stopped before they
+    printed: the SAEs whose feature-absorption file exists. Times come from the files'
+    modification times (the probes folder is made when the probe phase starts)."""
+    import pandas as pd
+
+    runs = []
+    for folder in sorted(work.glob("seed*")):
+        start = (folder / "probes").stat().st_mtime
+        end = next((folder / "probes").glob(f"*/layer_{layer}/data.npz")).stat().st_mtime
+        run = {"seed": int(folder.name[4:]), "probe_seconds": end - start, "saes": {}}
+        for name in names:
+            fa = folder / "feature_absorption" / name / f"layer_{layer}_{name}.parquet"
+            if not fa.exists():
+                break
+            ksp = pd.read_parquet(folder / "k_sparse_probing" / name
+                                  / f"layer_{layer}_{name}_metrics.parquet")
+            f1 = dict(zip(ksp["letter"].str.upper(), ksp["f1_probe"], strict=True))
+            run["saes"][name] = {**letter_values(pd.read_parquet(fa), f1, 0.6),
+                                 "seconds": fa.stat().st_mtime - end}
+            end = fa.stat().st_mtime
+        runs.append(run)
+    return runs
+
+
 def run_one(model, sae, name: str, layer: int, work: Path, probes: Path, batch: int,
             min_letters: int) -> dict:
     """main.py:run_eval's body for one SAE, with its folders under `work`."""
     from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
     from sae_bench.evals.absorption.feature_absorption import run_feature_absortion_experiment
     from sae_bench.evals.absorption.k_sparse_probing import run_k_sparse_probing_experiment
-    from sae_bench.evals.absorption.main import _aggregate_results_df
 
     cfg = AbsorptionEvalConfig(model_name=model.cfg.model_name, min_feats_for_eval=min_letters)
     ksp = run_k_sparse_probing_experiment(
@@ -94,19 +137,7 @@ def run_one(model, sae, name: str, layer: int, work: Path, probes: Path, batch: 
         prompt_template=cfg.prompt_template, prompt_token_pos=cfg.prompt_token_pos,
         batch_size=batch, device="cpu", experiment_dir=work / "feature_absorption",
         sparse_probing_experiment_dir=work / "k_sparse_probing", probes_dir=probes)
-    letters = {}
-    for _, row in _aggregate_results_df(raw).iterrows():
-        letter = row["letter"].upper()
-        if f1[letter] > cfg.min_GT_probe_f1:
-            letters[letter] = {"absorption_fraction": float(row["mean_absorption_fraction"]),
-                               "full_absorption_rate": float(row["full_absorption_rate"]),
-                               "words": int(row["num_probe_true_positives"]),
-                               "main_latents": [int(i) for i in row["split_feats"]]}
-    return {"mean_absorption_fraction": statistics.mean(
-                v["absorption_fraction"] for v in letters.values()),
-            "mean_full_absorption": statistics.mean(
-                v["full_absorption_rate"] for v in letters.values()),
-            "letters": letters}
+    return letter_values(raw, f1, cfg.min_GT_probe_f1)
 
 
 def main() -> None:
@@ -122,7 +153,13 @@ def main() -> None:
     ap.add_argument("--min-letters", type=int, default=20,
                     help="min_feats_for_eval: fewer letters with probe F1 > 0.6 give no result")
     ap.add_argument("--work", default="out/saebench", help="folder for SAEBench's files")
+    ap.add_argument("--collect", action="store_true",
+                    help="run nothing: read back the runs under --work (see collect)")
     args = ap.parse_args()
+    if args.collect:
+        names = [spec.split("=", 1)[0] for spec in args.sae]
+        print(json.dumps({"runs": collect(Path(args.work), names, args.layer)}))
+        return
 
     from sae_bench.evals.absorption.common import train_and_save_probes
     from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig

@@ -6,6 +6,7 @@ from __future__ import annotations
 import string
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.eval.absorption import (
@@ -92,6 +93,7 @@ def test_absorption_finds_exactly_the_absorbed_words():
     assert abs(result["mean_full_absorption"] - a["full_absorption_rate"] / 26) < 1e-9
     # reconstructions keep each letter's direction: the probes accept almost no more negatives
     assert abs(result["downstream_fpr_change"]) < 0.02
+    assert result["decoder_norm_range"] == pytest.approx([1.0, 1.0], abs=1e-3)
 
 
 def test_the_same_seed_gives_the_same_result_and_another_seed_another_split():
