@@ -1,30 +1,39 @@
-"""Absorption on a constructed case whose answer is known, and the prompt/activation plumbing."""
+"""Absorption on a constructed case whose answer is known, SAEBench's per-word rules on hand-made
+numbers, its probes against sklearn's optimum, and the prompt/activation plumbing."""
 
 from __future__ import annotations
 
 import string
 
+import numpy as np
+import pytest
 import torch
 
 from pipeline.eval.absorption import (
     AbsorptionConfig,
     absorption_scores,
-    alpha_words,
-    build_prompts,
-    word_activations,
+    main_latents,
+    split_words,
+    word_absorption,
 )
+from pipeline.eval.letters import alpha_words, icl_prompt, prompt_ids, word_activations
+from pipeline.eval.probes import balanced_logistic, train_probes
 
 D = 26 + 20 + 4  # letter directions, one direction per absorbed word, noise
 
 
 class HandBuiltSAE:
     """Latent i < 26 reads letter i; latent 26 + j reads absorbed word j's own direction and
-    writes mostly the letter-A direction, and latent 0 (A) is switched off by any of them."""
+    writes mostly the letter-A direction, and latent 0 (A) is switched off by any of them. The
+    last `n_idle` latents never fire: SAEBench's L1 probe (50 steps from nn.Linear's init of
+    scale 1/sqrt(d_sae)) ranks latents as intended only in a wide SAE, as real ones are."""
 
-    def __init__(self, n_absorbed: int):
-        d_sae = 26 + n_absorbed
+    def __init__(self, n_absorbed: int, n_idle: int = 1000):
+        d_sae = 26 + n_absorbed + n_idle
         self.W_enc = torch.zeros(D, d_sae)
         self.W_dec = torch.zeros(d_sae, D)
+        idle = torch.randn(n_idle, D, generator=torch.Generator().manual_seed(1))
+        self.W_dec[26 + n_absorbed:] = idle / idle.norm(dim=1, keepdim=True)
         for i in range(26):
             self.W_enc[i, i] = 1.0
             self.W_dec[i, i] = 1.0
@@ -45,21 +54,31 @@ class HandBuiltSAE:
 def constructed_case(n_a=200, n_other=40, n_absorbed=20, seed=0):
     g = torch.Generator().manual_seed(seed)
     acts, letters, absorbed = [], [], set()
-    for li, letter in enumerate(string.ascii_uppercase):
+    for li in range(26):
         for i in range(n_a if li == 0 else n_other):
             x = 0.05 * torch.randn(D, generator=g)
+            x[26:26 + n_absorbed] = 0.0  # noise there would switch latent A off at random
             x[li] += 3.0
             if li == 0 and i < n_absorbed:
                 x[26 + i] += 3.0
                 absorbed.add(len(letters))
             acts.append(x)
-            letters.append(letter)
-    return torch.stack(acts), letters, absorbed
+            letters.append(li)
+    return torch.stack(acts), torch.tensor(letters), absorbed
+
+
+def scores(acts, labels, sae, cfg=None):
+    """absorption_scores on a train/test split of the constructed words; the fresh prompts of
+    step 5 read the same activations (there is no model)."""
+    cfg = cfg or AbsorptionConfig()
+    train, test = split_words(len(labels), cfg)
+    return absorption_scores(acts[train], labels[train], acts[test], labels[test],
+                             lambda pos: acts[test[pos]], sae, cfg, test_words=test.tolist())
 
 
 def test_absorption_finds_exactly_the_absorbed_words():
-    acts, letters, absorbed = constructed_case()
-    result = absorption_scores(acts, letters, HandBuiltSAE(20), AbsorptionConfig())
+    acts, labels, absorbed = constructed_case()
+    result = scores(acts, labels, HandBuiltSAE(20))
     by_letter = {r["letter"]: r for r in result["letters"]}
     assert set(result["letters_used"]) == set(string.ascii_uppercase)
     a = by_letter["A"]
@@ -74,25 +93,116 @@ def test_absorption_finds_exactly_the_absorbed_words():
     assert abs(result["mean_full_absorption"] - a["full_absorption_rate"] / 26) < 1e-9
     # reconstructions keep each letter's direction: the probes accept almost no more negatives
     assert abs(result["downstream_fpr_change"]) < 0.02
+    assert result["decoder_norm_range"] == pytest.approx([1.0, 1.0], abs=1e-3)
+
+
+def test_the_same_seed_gives_the_same_result_and_another_seed_another_split():
+    acts, labels, _ = constructed_case()
+    one, two = scores(acts, labels, HandBuiltSAE(20)), scores(acts, labels, HandBuiltSAE(20))
+    assert one == two
+    other = scores(acts, labels, HandBuiltSAE(20), AbsorptionConfig(seed=1))
+    assert other["letters"][0]["evaluated_words"] != one["letters"][0]["evaluated_words"]
 
 
 def test_false_positive_rate_change_counts_probe_hits_on_reconstructions():
-    acts, letters, _ = constructed_case(n_absorbed=0)
+    acts, labels, _ = constructed_case(n_absorbed=0)
     sae = HandBuiltSAE(0)
     sae.W_dec[1, 0] = 3.0  # latent B writes a strong A component: B words now look like A
-    result = absorption_scores(acts, letters, sae, AbsorptionConfig())
+    result = scores(acts, labels, sae)
     a = next(r for r in result["letters"] if r["letter"] == "A")
     assert a["false_positive_rate"] == 0.0 and a["false_positive_rate_reconstructed"] > 0.0
     assert result["downstream_fpr_change"] > 0.0
 
 
 def test_no_absorption_without_absorbing_latents():
-    acts, letters, _ = constructed_case(n_absorbed=0)
-    result = absorption_scores(acts, letters, HandBuiltSAE(0), AbsorptionConfig())
+    acts, labels, _ = constructed_case(n_absorbed=0)
+    result = scores(acts, labels, HandBuiltSAE(0))
     assert result["mean_full_absorption"] == 0.0 and result["mean_absorption_fraction"] == 0.0
 
 
-def test_prompts_keep_the_word_token_at_a_fixed_position(tiny_model):
+def test_fewer_letters_than_saebench_needs_give_no_result():
+    acts, labels, _ = constructed_case(n_absorbed=0)
+    result = scores(acts, labels, HandBuiltSAE(0), AbsorptionConfig(min_letters=27))
+    assert result["mean_absorption_fraction"] is None and result["too_few_letters"]
+
+
+def test_word_rules_follow_saebench_case_by_case():
+    cfg = AbsorptionConfig()
+    probe = torch.tensor([1.0, 0.0])
+    # latents: 0 main; 1, 2, 3, 4 aligned (cos 1, 0.5, 0.2, 0.6); 5 barely aligned (cos 0.05)
+    cos = torch.tensor([1.0, 1.0, 0.5, 0.2, 0.6, 0.05])
+    acts = torch.tensor([[10.0, 0.0]] * 5)
+    z = torch.tensor([
+        [10.0, 0, 0, 0, 0, 0],  # main carries all of it: no absorption
+        [6.0, 1.0, 2.0, 5.0, 0, 0],  # others carry 1 + 1 + 1 = 3 < 40%: none
+        [2.0, 4.0, 4.0, 10.0, 0, 0],  # top 3 others 4 + 2 + 2 = 8, unaccounted 8: 8 / 10
+        [0.0, 0, 0, 0, 10.0, 0],  # main silent, one latent carries 6 of 10: full, fraction 1
+        [0.0, 0, 0, 0, 0, 100.0],  # main silent, top latent cos 0.05 < 0.1: fraction 0, full
+    ])
+    fraction, full = word_absorption(acts, z, probe, cos, [0], cfg)
+    assert torch.allclose(fraction, torch.tensor([0.0, 0.0, 0.8, 1.0, 0.0]))
+    assert full.tolist() == [False, False, False, True, True]
+    # a negative probe projection is never absorption
+    fraction, full = word_absorption(-acts[3:4], z[3:4], probe, cos, [0], cfg)
+    assert fraction.tolist() == [0.0] and full.tolist() == [False]
+
+
+def test_feature_splitting_stops_when_f1_stops_jumping():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 4 == 0
+    # latents 0 and 1 each fire on half the letter's words, latent 2 on noise
+    z = torch.zeros(400, 3)
+    z[y & (torch.arange(400) % 8 == 0), 0] = 1.0
+    z[y & (torch.arange(400) % 8 == 4), 1] = 1.0
+    z[:, 2] = torch.rand(400, generator=g)
+    chosen, f1s = main_latents([0, 1, 2], z[:200], y[:200], z[200:], y[200:], AbsorptionConfig())
+    assert chosen == [0, 1] and len(f1s) == 3 and f1s[1] > f1s[0] + 0.03
+
+
+def test_balanced_logistic_reaches_sklearns_optimum():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 3, generator=g)
+    y = (x[:, 0] + 0.5 * torch.randn(300, generator=g)) > 1.0
+    coef, icpt = balanced_logistic(x, y)
+    # the gradient of sum c_i logloss_i + |w|^2 / 2 vanishes at the optimum
+    c = torch.where(y, 300 / (2 * y.sum()), 300 / (2 * (~y).sum())).double()
+    p = torch.sigmoid(x.double() @ coef.double() + icpt)
+    resid = c * (p - y.double())
+    assert torch.allclose(x.double().T @ resid + coef.double(), torch.zeros(3, dtype=torch.float64),
+                          atol=1e-5)
+    assert abs(float(resid.sum())) < 1e-5
+
+
+def test_probes_learn_separable_letters_and_depend_on_the_seed():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(520) % 26
+    x = torch.nn.functional.one_hot(labels, 26).float() * 3 + 0.1 * torch.randn(520, 26, generator=g)
+    y = torch.nn.functional.one_hot(labels, 26)
+    w, b = train_probes(x, y, batch_size=64, weight_decay=1e-4, seed=0)
+    assert ((x @ w.T + b).argmax(1) == labels).all()
+    w2, _ = train_probes(x, y, batch_size=64, weight_decay=1e-4, seed=1)
+    assert not torch.equal(w, w2)
+
+
+def test_icl_prompts_never_show_the_word_and_draw_uniformly():
+    texts = [" apple", "Bear", " cat", " dog", "Egg"]
+    cfg = AbsorptionConfig(n_icl=2)
+    rng = np.random.default_rng(0)
+    seen = {}
+    for _ in range(600):
+        prompt = icl_prompt(2, [0, 1, 2, 3, 4], texts, cfg, rng)
+        lines = prompt.split("\n")
+        assert lines[0] == "" and lines[-1] == " cat has the first letter:"
+        assert len(lines) == 4 and all(" cat " not in line for line in lines[1:-1])
+        for line in lines[1:-1]:
+            word = line.split(" has")[0]
+            assert line == f"{word} has the first letter: {word.strip()[0].upper()}"
+            seen[word] = seen.get(word, 0) + 1
+    assert set(seen) == {" apple", "Bear", " dog", "Egg"}
+    assert min(seen.values()) > 250  # 300 each expected
+
+
+def test_prompts_are_read_at_the_word_token(tiny_model):
     from transformers import AutoTokenizer
 
     from pipeline.models import ModelSource, load_truncated
@@ -100,10 +210,16 @@ def test_prompts_keep_the_word_token_at_a_fixed_position(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     words = alpha_words(tok, every=1)
     assert words and all(w[1].strip().isalpha() for w in words)
-    ids, pos, kept = build_prompts(tok, words, AbsorptionConfig(n_icl=2))
-    assert ids.shape[0] == len(kept) > 0
-    assert torch.equal(ids[:, pos], torch.tensor([tid for tid, _ in kept]))
+    texts = [t for _, t in words]
+    cfg = AbsorptionConfig(n_icl=3)
+    rng = np.random.default_rng(0)
+    prompts = [icl_prompt(i, list(range(len(texts))), texts, cfg, rng) for i in range(8)]
+    rows = prompt_ids(tok, prompts, cfg)
+    assert [r[-1] for r in rows] == [tid for tid, _ in words[:8]]
     src = ModelSource("tiny", str(tiny_model), "x")
     base = load_truncated(src, 2, torch.float32, "cpu")
-    acts = word_activations(base, 1, ids[:8], pos, batch_size=3)
-    assert acts.shape == (min(8, len(ids)), base.config.hidden_size)
+    acts = word_activations(base, 1, rows, batch_size=3)
+    assert acts.shape == (8, base.config.hidden_size)
+    # one prompt alone gives the same activation as in a padded batch
+    alone = word_activations(base, 1, rows[5:6])
+    assert torch.allclose(alone[0], acts[5], atol=1e-5)

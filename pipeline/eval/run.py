@@ -18,15 +18,9 @@ from pipeline import models
 from pipeline.data import ActivationLoader
 from pipeline.data.reader import ChunkReader
 from pipeline.devices import resolve_device
-from pipeline.eval.absorption import (
-    AbsorptionConfig,
-    absorption_scores,
-    alpha_words,
-    build_prompts,
-    first_letter,
-    word_activations,
-)
+from pipeline.eval.absorption import AbsorptionConfig
 from pipeline.eval.config import EvalConfig
+from pipeline.eval.letters import alpha_words, measure_absorption
 from pipeline.eval.splice import spliced_ce
 from pipeline.paths import check_writable
 from pipeline.remote import local_cache
@@ -119,16 +113,12 @@ def run_absorption(sae, m: Manifest, layer: int, model: str | None, device: str,
     src = models.model_source_of(m, model)
     tok = models.load_tokenizer(src)
     cfg = AbsorptionConfig(every=every)
-    words = alpha_words(tok, every)
-    ids, pos, kept = build_prompts(tok, words, cfg)
     base = models.load_truncated(src, layer + 1, torch.float32 if device == "cpu"
                                  else torch.bfloat16, device)
-    bar = tqdm(total=len(ids), unit="prompt", desc="absorption", disable=not progress,
-               file=sys.stderr)
-    acts = word_activations(base, layer, ids, pos, progress=bar.update)
+    # the train and test prompts, then the fresh prompts of the scored words (about 15% more)
+    bar = tqdm(total=len(alpha_words(tok, every)), unit="prompt", desc="absorption",
+               disable=not progress, file=sys.stderr)
+    result, sample = measure_absorption(tok, base, layer, sae.cpu(), cfg, progress=bar.update)
     bar.close()
-    result = absorption_scores(acts, [first_letter(w) for _, w in kept], sae.cpu(), cfg)
-    (out_dir / WORDS_FILE).write_text(json.dumps(
-        {"every": every, "prompt_length": ids.shape[1], "word_position": pos,
-         "words": [w for _, w in kept]}))
+    (out_dir / WORDS_FILE).write_text(json.dumps(sample))
     return result
