@@ -8,18 +8,16 @@ SAE bytes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from cache_schema.synthetic import write_synthetic_cache
+from bench_sweep import small_sweep
 
 GRID = ["arch=relu,masked", "l1=0.001,0.004"]
 
@@ -52,22 +50,8 @@ def weights(sweep: Path) -> dict[str, bytes]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cache", type=Path)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=256)
-    args = p.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_distributed_"))
-    cache = args.cache or tmp / "cache"
-    if not cache.exists():
-        print(f"writing a synthetic cache to {cache}", file=sys.stderr)
-        write_synthetic_cache(cache, n_chunks=16, rows_per_chunk=1024, d_model=args.d_model,
-                              context_length=64, index_column=False)
-    common = ["sweep", "--cache", str(cache), "--steps", str(args.steps), "--batch-size",
-              str(args.batch_size), "--expansion", "4", "--log-every", "50",
-              "--checkpoint-every", "100", "--device", "cpu", "--no-progress",
-              *[x for g in GRID for x in ("--set", g)]]
+    args, tmp, flags = small_sweep(__doc__.splitlines()[0], "bench_distributed_")
+    common = ["sweep", *flags, *[x for g in GRID for x in ("--set", g)]]
     print("one process x 2 threads, 4 SAEs", file=sys.stderr)
     one = timed([sys.executable, "-m", "pipeline.cli"], [*common, "-o", str(tmp / "one")], 2)
     print("2 processes x 1 thread, 2 SAEs each", file=sys.stderr)

@@ -27,14 +27,17 @@ def timed(args: list[str]) -> float:
     return time.perf_counter() - t
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def small_sweep(description: str, prefix: str) -> tuple[argparse.Namespace, Path, list[str]]:
+    """The set-up bench_sweep and bench_distributed share: their arguments, a temporary folder
+    (with a synthetic cache unless --cache is given), and the training flags of the 4 small
+    SAEs both time."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--cache", type=Path)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=256)
     args = p.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     cache = args.cache or tmp / "cache"
     if not cache.exists():
         print(f"writing a synthetic cache to {cache}", file=sys.stderr)
@@ -43,6 +46,11 @@ def main() -> None:
     common = ["--cache", str(cache), "--steps", str(args.steps), "--batch-size",
               str(args.batch_size), "--expansion", "4", "--log-every", "50",
               "--checkpoint-every", "100", "--device", "cpu", "--no-progress"]
+    return args, tmp, common
+
+
+def main() -> None:
+    args, tmp, common = small_sweep(__doc__.splitlines()[0], "bench_sweep_")
     print("4 sequential `pipeline train` runs", file=sys.stderr)
     sequential = 0.0
     for arch in ("relu", "masked"):
