@@ -61,7 +61,7 @@ def _plan(cfg, *, tflops: float | None = None, arch: str = "topk", d_sae: int | 
     cache bytes, device and host memory, time at a FLOP rate, SAE training memory."""
     from pipeline.plan.report import format_plan, make_plan
 
-    plan = make_plan(cfg, tflops, arch, d_sae, expansion, train_batch_size, None)
+    plan = make_plan(cfg, tflops, arch, d_sae, expansion, train_batch_size)
     typer.echo(json.dumps(plan, indent=1) if json_out else format_plan(plan))
 
 

@@ -16,9 +16,9 @@ from pipeline.plan.presets import model_config
 
 
 def make_plan(cfg, tflops: float | None, arch: str, d_sae: int | None, expansion: int,
-              train_batch_size: int, train_tokens: int | None) -> dict:
-    """The plan of extracting with `cfg` (an ExtractConfig) and training one SAE on the result:
-    a JSON-ready dict."""
+              train_batch_size: int) -> dict:
+    """The plan of extracting with `cfg` (an ExtractConfig) and training one SAE for one epoch
+    of the result: a JSON-ready dict."""
     config, name = model_config(cfg.model)
     shape = model_shape(config, name, max(cfg.layers))
     if shape.max_positions and cfg.context_length > shape.max_positions:
@@ -39,7 +39,7 @@ def make_plan(cfg, tflops: float | None, arch: str, d_sae: int | None, expansion
     where, free = free_bytes(cfg.out)
     n_sae = d_sae or expansion * shape.d_model
     train = train_estimate(arch, shape.d_model, n_sae, train_batch_size,
-                           train_tokens or ext["tokens_per_stream"])
+                           ext["tokens_per_stream"])
     return {"model": name, "n_layers": shape.n_layers, "d_model": shape.d_model,
             "layers": list(cfg.layers), "context_length": cfg.context_length,
             "storage_dtype": cfg.dtype, "compute_dtype": compute, "device": device,
