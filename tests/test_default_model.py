@@ -57,3 +57,24 @@ def test_bos_is_a_norm_outlier_kept_out_of_the_stats(default_cache):
     assert s["special_mean_norm"] > 4 * s["mean_norm"]
     tokens = read(default_cache, TOKENS)
     assert s["count"] == int((~np.isin(tokens, m.special_token_ids)).sum())
+
+
+def test_the_conversion_parses_the_gguf_file_once_and_restores_the_reader(tmp_path):
+    import gguf
+
+    from pipeline.models.source import _gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("w", np.zeros((2, 3), dtype=np.float32))
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file,
+                 writer.write_tensors_to_file):
+        step()
+    writer.close()
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once():
+        assert gguf.GGUFReader(str(path)) is gguf.GGUFReader(str(path))
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+    assert gguf.GGUFReader(str(path)) is not gguf.GGUFReader(str(path))

@@ -3,6 +3,8 @@ converted once, or the embedded default) to a loadable folder with a content fin
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -97,6 +99,22 @@ def _check_gguf(path: Path) -> None:
                             "file is damaged or from an unsupported writer; pass a valid .gguf")
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses the GGUF file three times (config, tokenizer, weights) and builds the
+    tensor-name map once per tensor; memoizing both, for the conversion only, halves its time
+    and gives the same files."""
+    import gguf
+
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=1)(saved[0])
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(saved[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved
+
+
 def convert_gguf(gguf: Path, fingerprint: str) -> Path:
     """De-quantize a GGUF file once into a float32 HF folder and return that folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -104,11 +122,12 @@ def convert_gguf(gguf: Path, fingerprint: str) -> Path:
     dest = cache_home() / "models" / f"{gguf.stem}-{fingerprint[:12]}"
     if (dest / "config.json").is_file():
         return dest
-    print(f"converting {gguf.name} to a float32 HF folder at {dest} (once, ~30 s)", file=sys.stderr)
+    print(f"converting {gguf.name} to a float32 HF folder at {dest} (once, ~25 s)", file=sys.stderr)
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+        with _gguf_parsed_once():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                         dtype=torch.float32)
     except Exception as e:  # the gguf reader raises anything on a corrupt file (ValueError, ...)
         raise PipelineError(f"cannot read the GGUF model {gguf}: {type(e).__name__}: {e}; "
                             "expected a complete GGUF file of a supported architecture") from e
