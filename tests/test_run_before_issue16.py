@@ -77,8 +77,12 @@ def test_an_old_run_resumes_from_its_checkpoint_and_ends_where_it_ended(run, cac
     assert "resuming" in result.output and "step 20" in result.output
     weights = load_file(str(run / "sae_weights.safetensors"))
     assert weights.keys() == old_weights.keys()
+    # the old folder folded the input scaling into W_enc and W_dec, ours into the biases (SPEC §6)
+    scale = json.loads((run / "cfg.json").read_text())["metadata"]["norm_scale"]
+    as_old = {"W_enc": weights["W_enc"] * scale, "W_dec": weights["W_dec"] / scale,
+              "b_enc": weights["b_enc"] * scale, "b_dec": weights["b_dec"]}
     for name, old in old_weights.items():
-        assert torch.allclose(weights[name], old, atol=1e-5), name
+        assert torch.allclose(as_old[name], old, atol=1e-5), name
     rows = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [10, 20, 30, 40]
     assert rows[:2] == old_rows[:2]  # the lines before the checkpoint are kept as they were

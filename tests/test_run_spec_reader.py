@@ -163,10 +163,11 @@ def test_the_saelens_folder_is_the_last_checkpoint_with_the_scaling_folded_in(wr
     w = load_file(str(run / "sae_weights.safetensors"))
     state = load_file(str(spec_checkpoints(run)[-1][1] / "state.safetensors"))
     scale = meta["norm_scale"]
-    np.testing.assert_allclose(w["W_enc"], state["sae.W_enc"] * scale, rtol=1e-6)
-    np.testing.assert_allclose(w["W_dec"], state["sae.W_dec"] / scale, rtol=1e-6)
+    np.testing.assert_array_equal(w["W_enc"], state["sae.W_enc"])
+    np.testing.assert_array_equal(w["W_dec"], state["sae.W_dec"])
     np.testing.assert_allclose(w["b_dec"], state["sae.b_dec"] / scale, rtol=1e-6)
-    np.testing.assert_array_equal(w["b_enc"], state["sae.b_enc"])
+    np.testing.assert_allclose(w["b_enc"], state["sae.b_enc"] / scale, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(w["W_dec"], axis=1), 1.0, rtol=1e-5)
 
 
 def test_the_saved_sae_applied_to_raw_activations_gives_eval_json(written):

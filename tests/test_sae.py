@@ -88,8 +88,11 @@ def test_export_applied_to_raw_activations_matches_the_trained_sae(arch, tmp_pat
     with torch.no_grad():
         z = sae.encode(x * scale)
         assert z.abs().sum() > 0
-        torch.testing.assert_close(loaded.encode(x), z, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded.encode(x), z / scale, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loaded(x), sae.decode(z) / scale, rtol=1e-5, atol=1e-5)
+    # unit-norm decoder rows, as SAEBench's absorption projection (z_i * cos) assumes
+    norms = load_file(str(tmp_path / "sae_weights.safetensors"))["W_dec"].norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(S), rtol=1e-5, atol=1e-5)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     expected = {"relu": "standard", "masked": "standard", "gated": "standard", "topk": "topk",
                 "batchtopk": "jumprelu"}[arch]

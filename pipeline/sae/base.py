@@ -171,10 +171,12 @@ class SAE(nn.Module):
     # -- export ---------------------------------------------------------------------------------
     @torch.no_grad()
     def saelens_export(self, scale: float) -> tuple[dict[str, torch.Tensor], dict]:
-        """SAELens tensors and cfg fields with the input scaling folded in: applied to raw x,
-        the export gives z(raw x) = z(scale * x) and x_hat(raw x) = x_hat(scale * x) / scale."""
+        """SAELens tensors and cfg fields with the input scaling folded into the biases: applied
+        to raw x, the export gives z(raw x) = z(scale * x) / scale and x_hat(raw x) =
+        x_hat(scale * x) / scale. Every activation is positively homogeneous, so the weights stay
+        as trained and W_dec keeps its unit-norm rows, which SAEBench's metrics assume."""
         w_enc, b_enc = self.export_encoder()
-        tensors = {"W_enc": w_enc * scale, "W_dec": self.W_dec / scale, "b_enc": b_enc,
+        tensors = {"W_enc": w_enc, "W_dec": self.W_dec, "b_enc": b_enc / scale,
                    "b_dec": self.b_dec / scale}
         return ({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
                 {"architecture": self.saelens_architecture})

@@ -185,7 +185,8 @@ class BatchTopKSAE(TopKSAE):
 
     def saelens_export(self, scale):
         tensors, cfg = SAE.saelens_export(self, scale)
-        tensors["threshold"] = self.threshold.detach().float().cpu().expand(self.cfg.d_sae).clone()
+        threshold = self.threshold.detach().float().cpu() / scale  # latents are z / scale
+        tensors["threshold"] = threshold.expand(self.cfg.d_sae).clone()
         return tensors, cfg
 
     @staticmethod
