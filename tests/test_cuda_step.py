@@ -8,6 +8,8 @@ import torch
 
 from pipeline.sae import build_sae, sae_config
 from pipeline.train.step import TrainStep
+from tests.test_data_parallel import last_state, train_args
+from tests.test_distributed import cache, launch  # noqa: F401 - cache is a fixture
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -61,3 +63,16 @@ def test_capture_on_the_second_gpu_while_the_first_is_current():
         for _ in range(6):
             s.run()
     torch.testing.assert_close(step.sae.W_dec, eager.sae.W_dec, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_data_parallel_step_captured_with_its_all_reduces_equals_eager(arch, cache, tmp_path):  # noqa: F811
+    flags = ("--arch", arch, "--device", "cuda", "--k", "2") if arch == "topk" else \
+        ("--arch", arch, "--device", "cuda")
+    for graph in ("on", "off"):
+        launch(2, train_args(cache, tmp_path / graph, *flags, "--cuda-graph", graph))
+    on, off = last_state(tmp_path / "on"), last_state(tmp_path / "off")
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(on[name], off[name], rtol=1e-4, atol=1e-5)

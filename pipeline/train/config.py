@@ -159,9 +159,6 @@ def check_data_parallel(cfg: TrainConfig, world: int) -> None:
         raise PipelineError(f"--batch-size {cfg.batch_size} is not divisible by the {world} "
                             "processes of this launch: each takes an equal slice of every batch; "
                             f"pass a multiple of {world}, or launch a divisor of {cfg.batch_size}")
-    if cfg.cuda_graph == "on":
-        raise PipelineError("--cuda-graph on: a data-parallel step runs eagerly for now (its "
-                            "all-reduces are not captured); use --cuda-graph auto or off")
     if cfg.arch in SPARSE_ONLY_DATA_PARALLEL and not cfg.sae.get("sparse", True):
         raise PipelineError(f"--arch {cfg.arch} --no-sparse cannot train data-parallel (the "
                             "dense reference takes its batch-wide top-k on one process's rows): "

@@ -35,10 +35,13 @@ def resolve_layer(cfg: TrainConfig, layers: list[int]) -> int:
     return layer
 
 
-def use_cuda_graph(cfg: TrainConfig, device: torch.device) -> bool:
+def use_cuda_graph(cfg: TrainConfig, device: torch.device, world: int = 1) -> bool:
+    """auto captures a single process's step; a data-parallel step is captured, all-reduces
+    (NCCL) included, only with `on`, until a multi-GPU box measures it against eager."""
     if cfg.cuda_graph == "on" and device.type != "cuda":
         raise PipelineError("--cuda-graph on needs a CUDA device; use --cuda-graph auto or off")
-    return device.type == "cuda" and cfg.cuda_graph != "off"
+    return device.type == "cuda" and (cfg.cuda_graph == "on"
+                                      or (cfg.cuda_graph == "auto" and world == 1))
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -167,7 +170,7 @@ class Run:
                               cfg.lr, (cfg.beta1, cfg.beta2), cfg.grad_clip,
                               cfg.lr_warmup_steps, cfg.lr_decay_fraction, cfg.sae["l1_warmup_steps"],
                               history=cfg.log_every,
-                              use_graph=use_cuda_graph(cfg, device) and team.world == 1,
+                              use_graph=use_cuda_graph(cfg, device, team.world),
                               ranks=team)
         meta: dict = {}
         if start:
