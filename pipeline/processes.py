@@ -6,12 +6,14 @@ bytes in tensors, never as pickled objects."""
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from pipeline import heartbeat
 from pipeline.errors import PipelineError
 
 # Seconds a collective waits for a peer before failing (a killed rank then stops the others
@@ -27,6 +29,10 @@ class Workers:
     local_rank: int = 0
     comm_device: str = "cpu"
     """Where the process group's tensors live (cuda for nccl)."""
+    beat: heartbeat.Heartbeat | None = field(default=None, repr=False, compare=False)
+    """This process's heartbeat, read by a peer whose collective fails (None for one process)."""
+    lost: str | None = field(default=None, repr=False, compare=False)
+    """Why a collective failed: the group is broken, so any later one fails with the same."""
 
     @property
     def is_main(self) -> bool:
@@ -159,17 +165,27 @@ class Workers:
         return n.bool()
 
     def _collective(self, collective, *args, **kwargs) -> None:
+        if self.lost is not None:  # say it again at once rather than wait for a broken group
+            raise PipelineError(self.lost)
+        if self.beat is not None:
+            self.beat.exchanges += 1
         try:
             collective(*args, **kwargs)
-        except RuntimeError as e:  # a peer died or timed out: say so instead of a C++ trace
-            raise PipelineError(
-                f"process {self.rank} of {self.world} lost a peer: another process of this job "
-                f"stopped or did not answer within {peer_timeout()} s ({TIMEOUT_VARIABLE}); the "
-                f"launcher's report names the process that failed first. ({str(e)[:300]})"
-            ) from e
+        except RuntimeError as e:  # a peer died or timed out: name it instead of a C++ trace
+            named = heartbeat.explain(
+                self.rank, self.world, self.beat.diagnose(),
+                f"{peer_timeout()} s ({TIMEOUT_VARIABLE})") if self.beat is not None else None
+            self.lost = (named or
+                         f"process {self.rank} of {self.world} lost a peer: another process of "
+                         f"this job stopped or did not answer within {peer_timeout()} s "
+                         f"({TIMEOUT_VARIABLE}); the launcher's report names the process that "
+                         "failed first") + f". ({str(e)[:300]})"
+            raise PipelineError(self.lost) from e
 
     def leave(self) -> None:
         """Leave the process group before exiting on an error every rank shares."""
+        if self.beat is not None:
+            self.beat.stop()
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -223,4 +239,11 @@ def workers(device: str) -> Workers:
             torch.cuda.set_device(w.local_rank)
         torch.distributed.init_process_group(backend,
                                              timeout=datetime.timedelta(seconds=timeout))
+    w.beat = _heartbeat(w.rank, world)
     return w
+
+
+@functools.cache
+def _heartbeat(rank: int, world: int) -> heartbeat.Heartbeat | None:
+    """One heartbeat per process, however many times a process calls workers()."""
+    return heartbeat.start(rank, world)

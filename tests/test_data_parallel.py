@@ -1,12 +1,14 @@
 """Data-parallel `pipeline train` under torchrun (gloo on CPU, 2 processes): equal to one process
-on the same global batches, batch statistics included; a killed rank's run resumes to the same
-weights; batches that do not split evenly, and BatchTopK's dense reference, are refused."""
+on the same global batches, batch statistics included; a killed rank is named by the survivor and
+its run resumes to the same weights; batches that do not split evenly, and BatchTopK's dense
+reference, are refused."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 
 from pipeline.run import RunDir
 from tests.test_distributed import ENV, cache, launch  # noqa: F401 - cache is a fixture
-from tests.test_multiprocess import children, command
+from tests.test_multiprocess import children, free_port
 
 ARCHS = {"relu": ["--arch", "relu"],
          "masked": ["--arch", "masked", "--stream", "masked", "--mask-every", "5",
@@ -73,23 +75,37 @@ def test_two_processes_train_one_sae_as_one_process_does(cache, tmp_path, arch):
         assert [r["dead_fraction"] > 0 for r in rows_one if r["step"] == 75] == [True]
 
 
+def two_machines(args: list[str]) -> list[subprocess.Popen]:
+    """One torchrun per 'machine' of one process each: a machine's launcher stops only its own
+    processes, so the survivor has to find out for itself which process was lost."""
+    port = str(free_port())
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                              "--node_rank", str(r), "--nproc_per_node", "1", "--master_addr",
+                              "127.0.0.1", "--master_port", port, "-m", "pipeline.cli", *args],
+                             env={**ENV, "PIPELINE_PEER_TIMEOUT": "60"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for r in (0, 1)]
+
+
 @pytest.mark.slow
 def test_a_killed_rank_resumes_to_the_uninterrupted_weights(cache, tmp_path):  # noqa: F811
     args = ["--arch", "topk", "--k", "4", "--aux-k", "8"]
     launch(2, train_args(cache, tmp_path / "ref", *args, steps=1500, every=50))
     out = tmp_path / "cut"
-    proc = subprocess.Popen(command(2, train_args(cache, out, *args, steps=1500, every=50)),
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    first, second = two_machines(train_args(cache, out, *args, steps=1500, every=50))
     deadline = time.time() + 200
     while time.time() < deadline and len(RunDir(out).checkpoints()) < 2:
         time.sleep(0.02)
-    workers = children(proc.pid)
-    assert len(workers) == 2, "torchrun should have started two workers"
-    os.kill(workers[-1], signal.SIGKILL)
-    _, err = proc.communicate(timeout=200)
-    assert proc.returncode != 0, "the run should have been cut"
-    assert "SIGKILL" in err  # the launcher names the rank that died and stops the other
+    workers = children(second.pid)
+    assert len(workers) == 1, "the second machine's torchrun should have started one worker"
+    os.kill(workers[0], signal.SIGKILL)
+    killed = time.time()
+    _, err = first.communicate(timeout=200)
+    assert time.time() - killed < 60, "process 0 should stop within PIPELINE_PEER_TIMEOUT"
+    assert first.returncode != 0, "the run should have been cut"
+    # the survivor names the lost process; the second machine's launcher names the signal
+    assert "process 0 of 2 lost process 1 (no heartbeat for" in err, err[-3000:]
+    assert "SIGKILL" in second.communicate(timeout=200)[1]
     assert not (out / "sae_weights.safetensors").exists()
     launch(2, train_args(cache, out, *args, "--resume", steps=1500, every=50))
     assert (out / "sae_weights.safetensors").read_bytes() == \
