@@ -29,7 +29,8 @@ from pipeline.devices import resolve_device
 from pipeline.eval.absorption import AbsorptionConfig
 from pipeline.eval.config import EvalConfig
 from pipeline.eval.letters import WordSample
-from pipeline.eval.run import evaluate
+from pipeline.eval.run import evaluate, finite_or_null, holdout_sequences
+from pipeline.eval.splice import spliced_ce
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.run import extract
 from pipeline.remote import local_cache
@@ -59,8 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--model", default="default")
     add("--corpus", default="default")
     add("--layer", type=int, default=6)
-    add("--tokens", type=int, default=135168, help="cache size (the last 4096 held out)")
-    add("--train-tokens", type=int, default=1048576, help="tokens per SAE (epochs over the cache)")
+    add("--tokens", type=int, default=131072,
+        help="cache size (ignored with --cache); the last chunk is held out")
+    add("--train-tokens", type=int, default=131072, help="tokens per SAE (epochs over the cache)")
     add("--archs", default="topk,relu")
     add("--streams", default="clean,masked,mix")
     add("--seeds", default="0,1,2")
@@ -104,37 +106,54 @@ def train_all(cfgs: dict[str, TrainConfig], cache: str) -> dict[str, float]:
         start = time.perf_counter()
         train(cfg)
         seconds[name] = time.perf_counter() - start
+        log(f"trained {name} in {seconds[name]:.0f} s")
     return seconds
 
 
-class Absorption:
-    """One word sample for every SAE: the prompts go through the model once, on first use."""
+class Shared:
+    """What every SAE's evaluation shares, made on first use: the model with the clean and
+    zero-ablation CE of the held-out sequences (only the SAE's forward runs per SAE), and one
+    absorption word sample (the prompts go through the model once)."""
 
     def __init__(self, args, cache: str):
-        self.args, self.cache, self.sample, self.seconds = args, cache, None, 0.0
+        self.args, self.cache, self.device = args, cache, resolve_device("auto")
+        self.manifest = open_cache(local_cache(cache))
+        self.model = None if args.model == "default" else args.model
+        self.src = models.model_source_of(self.manifest, self.model)
+        self.lm = self.tokens = self.baseline = self.sample = None
+        self.seconds = {"ce": 0.0, "absorption": 0.0}
 
-    def score(self, sae) -> dict:
+    def ce(self, sae, chunks: list[int]) -> dict:
+        start = time.perf_counter()
+        if self.lm is None:
+            self.lm = models.load_model_of(self.manifest, self.model, self.device)
+            self.tokens = holdout_sequences(str(local_cache(self.cache)), self.manifest, chunks,
+                                            self.args.ce_sequences)
+        result = spliced_ce(self.lm, self.args.layer, sae.to(self.device), self.tokens,
+                            self.manifest.special_token_ids, baseline=self.baseline)
+        self.baseline = self.baseline or result
+        self.seconds["ce"] += time.perf_counter() - start
+        return result
+
+    def absorption(self, sae) -> dict:
         start = time.perf_counter()
         if self.sample is None:
             log("absorption: the word sample's prompts through the model")
-            m = open_cache(local_cache(self.cache))
-            src = models.model_source_of(m, None if self.args.model == "default"
-                                         else self.args.model)
-            device = resolve_device("auto")
-            base = models.load_truncated(src, self.args.layer + 1, torch.float32
-                                         if device == "cpu" else torch.bfloat16, device)
-            self.sample = WordSample(models.load_tokenizer(src), base, self.args.layer,
+            base = models.load_truncated(self.src, self.args.layer + 1, torch.float32
+                                         if self.device == "cpu" else torch.bfloat16, self.device)
+            self.sample = WordSample(models.load_tokenizer(self.src), base, self.args.layer,
                                      AbsorptionConfig(every=self.args.absorption_every))
             (self.args.out / "absorption_words.json").write_text(
                 json.dumps(self.sample.record()))
         result = self.sample.score(sae.cpu())
-        self.seconds += time.perf_counter() - start
+        self.seconds["absorption"] += time.perf_counter() - start
         return result
 
 
-def evaluate_run(args, cache: str, cfg: TrainConfig, absorption: Absorption) -> dict:
-    """The run's values, kept in OUT/values/NAME.json: reused while the SAE and the settings of
-    the evaluation are the same. eval.json in the run folder is the clean evaluation."""
+def evaluate_run(args, cfg: TrainConfig, shared: Shared) -> dict:
+    """The run's values, kept in OUT/values/NAME.json and reused while the SAE and the settings
+    of the evaluation are the same. The run folder's eval.json is the clean evaluation, CE
+    included."""
     run = RunDir(cfg.out)
     kept = args.out / "values" / f"{run.path.name}.json"
     key = {"ce_sequences": args.ce_sequences, "absorption_every": args.absorption_every,
@@ -143,16 +162,15 @@ def evaluate_run(args, cache: str, cfg: TrainConfig, absorption: Absorption) -> 
         return json.loads(kept.read_text())["values"]
     log(f"evaluate {run.path.name}")
     start = time.perf_counter()
-    clean = evaluate(EvalConfig(run.path, ce_sequences=args.ce_sequences, stream="clean",
-                                model=None if args.model == "default" else args.model,
-                                progress=False))
+    clean = evaluate(EvalConfig(run.path, ce_sequences=0, stream="clean", progress=False))
     sae = run.load_sae()
-    device = resolve_device("auto")
-    with ActivationLoader(cache, args.layer, stream="masked", holdout_chunks=1,
-                          device=device) as loader:
-        masked, _ = reconstruction_metrics(sae.to(device), loader.holdout())
-    seconds = time.perf_counter() - start
-    result = absorption.score(sae)
+    with ActivationLoader(shared.cache, args.layer, stream="masked", holdout_chunks=1,
+                          device=shared.device) as loader:
+        masked, _ = reconstruction_metrics(sae.to(shared.device), loader.holdout())
+    if args.ce_sequences:
+        clean.update(shared.ce(sae, clean["holdout_chunks"]))
+        run.eval_json.write_text(json.dumps(finite_or_null(clean), indent=1, allow_nan=False))
+    result = shared.absorption(sae)
     values = {"fve": clean["fve"], "fve_masked": masked["fve"],
               "ood_gap": clean["fve"] - masked["fve"], "ce_increase": clean.get("ce_increase"),
               "l0": clean["l0"], "dead_fraction": clean["dead_fraction"],
@@ -160,7 +178,7 @@ def evaluate_run(args, cache: str, cfg: TrainConfig, absorption: Absorption) -> 
               "full_absorption": result["mean_full_absorption"],
               "absorption_note": result["too_few_letters"],
               "heldout_tokens": clean["tokens"], "absorption_words": result["n_words"],
-              "eval_seconds": seconds}
+              "eval_seconds": time.perf_counter() - start}
     kept.parent.mkdir(parents=True, exist_ok=True)
     kept.write_text(json.dumps({"key": key, "values": values, "absorption": result}))
     return values
@@ -193,7 +211,7 @@ def markdown(args, groups: dict, diffs: dict, values: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(cell(g[metric]) for g in groups.values())
                      + " |")
     notes = sorted({v["absorption_note"] for v in values.values() if v["absorption_note"]})
-    lines += [f"\nNo absorption result: {n}." for n in notes]
+    lines += [f"\nAbsorption: {n}." for n in notes]
     if diffs:
         lines += ["", "Paired difference (same seed) against clean training, mean ± 95% "
                   "half-width; whether the interval excludes 0:", "",
@@ -224,6 +242,8 @@ def plot(args, groups: dict, out: Path) -> None:
         ax.set_xticks([i + width * (len(args.streams) - 1) / 2 for i in range(len(args.archs))],
                       args.archs)
         ax.set_title(label, fontsize=8)
+        if all(groups[g][metric]["mean"] is None for g in groups):
+            ax.text(0.5, 0.5, "no result", ha="center", transform=ax.transAxes)
     axes.flat[0].legend(fontsize=7, title="trained on", title_fontsize=7)
     for ax in list(axes.flat)[len(METRICS):]:
         ax.axis("off")
@@ -244,15 +264,19 @@ def main() -> None:
                               layers=[args.layer], tokens=args.tokens, rows_per_chunk=4096,
                               context_length=128))
         times["extract"] = time.perf_counter() - start
+    m = open_cache(local_cache(cache))
+    args.tokens = m.n_chunks * m.rows_per_chunk
     cfgs = {run_name(a, s, seed): train_config(args, cache, a, s, seed)
             for a in args.archs for s in args.streams for seed in args.seeds}
     times["train"] = train_all(cfgs, cache)
-    absorption = Absorption(args, cache)
-    values = {name: evaluate_run(args, cache, cfg, absorption) for name, cfg in cfgs.items()}
-    times["absorption"] = absorption.seconds
+    times["train_total"] = sum(times["train"].values())
+    shared = Shared(args, cache)
+    values = {name: evaluate_run(args, cfg, shared) for name, cfg in cfgs.items()}
+    times.update(shared.seconds)
     groups, diffs = aggregate(args, values)
     md = markdown(args, groups, diffs, values)
     times["total"] = time.perf_counter() - begin
+    log("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items() if k != "train"))
     (args.out / "compare.md").write_text(md + "\n")
     (args.out / "compare.json").write_text(json.dumps(
         {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
