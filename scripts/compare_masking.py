@@ -236,9 +236,11 @@ def plot(args, groups: dict, out: Path) -> None:
     for ax, (metric, label) in zip(axes.flat, METRICS, strict=False):
         for j, stream in enumerate(args.streams):
             cells = [groups[f"{a} {stream}"][metric] for a in args.archs]
+            nan = float("nan")  # draws nothing: no bar where there is no result
             ax.bar([i + j * width for i in range(len(args.archs))],
-                   [c["mean"] or 0.0 for c in cells], width, label=stream,
-                   yerr=[c["half_width"] or 0.0 for c in cells], capsize=3)
+                   [nan if c["mean"] is None else c["mean"] for c in cells], width,
+                   label=stream, capsize=3,
+                   yerr=[nan if c["half_width"] is None else c["half_width"] for c in cells])
         ax.set_xticks([i + width * (len(args.streams) - 1) / 2 for i in range(len(args.archs))],
                       args.archs)
         ax.set_title(label, fontsize=8)
