@@ -95,3 +95,21 @@ def test_eval_with_absorption_records_the_word_sample(tiny_cache, tiny_model, tm
     assert sample["every"] == 1 and len(sample["words"]) == absorption["n_words"] > 0
     assert json.loads((folder / "eval.json").read_text())["absorption"]["n_words"] == len(
         sample["words"])
+
+
+def test_spliced_ce_from_a_baseline_runs_only_the_sae_forward(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.eval.splice import spliced_ce
+    from pipeline.run import load_saelens
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    sae = load_saelens(hand_built(tmp_path / "b", exact=False))
+    tokens = torch.randint(3, lm.config.vocab_size, (4, 16), generator=torch.Generator()
+                           .manual_seed(0)).numpy()
+    full = spliced_ce(lm, 1, sae, tokens, [0])
+    calls = []
+    lm.register_forward_hook(lambda *_: calls.append(1))
+    again = spliced_ce(lm, 1, sae, tokens, [0], batch_size=2, baseline=full)
+    assert len(calls) == 2  # two batches, the SAE's forward alone in each
+    assert again == pytest.approx(full, abs=1e-6)
