@@ -8,30 +8,22 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cache_schema.synthetic import write_synthetic_cache
 from pipeline.cli import app
 from pipeline.errors import PipelineError
 from pipeline.train.config import TrainConfig
 from pipeline.train.sweep import read_grid, sweep
 from pipeline.train.trainer import train
+from tests.test_distributed import cache  # noqa: F401 - the 4-chunk cache fixture
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep") / "cache"
-    write_synthetic_cache(root, n_chunks=4, rows_per_chunk=256, d_model=16, context_length=32,
-                          index_column=False)
-    return root
-
-
-def base(cache, out, **kw) -> TrainConfig:
+def base(cache, out, **kw) -> TrainConfig:  # noqa: F811
     fields = {"cache": str(cache), "out": str(out), "expansion": 2, "batch_size": 64,
               "steps": 40, "log_every": 10, "checkpoint_every": 20, "device": "cpu",
               "progress": False}
     return TrainConfig.from_flat(**{**fields, **kw})
 
 
-def test_each_sae_of_a_sweep_equals_its_solo_run(cache, tmp_path):
+def test_each_sae_of_a_sweep_equals_its_solo_run(cache, tmp_path):  # noqa: F811
     runs = sweep(base(cache, tmp_path / "sweep"), sets=["arch=relu,topk", "stream=clean,masked"])
     assert len(runs) == 4
     listing = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
@@ -45,7 +37,7 @@ def test_each_sae_of_a_sweep_equals_its_solo_run(cache, tmp_path):
         assert got == (solo / "sae_weights.safetensors").read_bytes(), run.name
 
 
-def test_a_sweep_resumes_as_a_whole(cache, tmp_path, monkeypatch):
+def test_a_sweep_resumes_as_a_whole(cache, tmp_path, monkeypatch):  # noqa: F811
     from pipeline.train.step import TrainStep
 
     ref = sweep(base(cache, tmp_path / "ref"), sets=["l1=0.001,0.01"])
@@ -82,7 +74,7 @@ def test_grid_files_and_bad_grids(tmp_path):
         read_grid(None, [])
 
 
-def test_cli_sweep(cache, tmp_path):
+def test_cli_sweep(cache, tmp_path):  # noqa: F811
     result = CliRunner().invoke(app, ["sweep", "--cache", str(cache), "-o", str(tmp_path / "s"),
                                       "--set", "expansion=1,2", "--steps", "10",
                                       "--batch-size", "32", "--log-every", "5",
@@ -94,7 +86,7 @@ def test_cli_sweep(cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_three_train_processes_on_one_cache_equal_their_solo_runs(cache, tmp_path):
+def test_three_train_processes_on_one_cache_equal_their_solo_runs(cache, tmp_path):  # noqa: F811
     import os
     import subprocess
     import sys
