@@ -6,7 +6,7 @@ read; "ratio"), and np.fromfile of each file into a new array ("ratio_vs_fromfil
 ActivationLoader batches (keep_special, so one epoch is exactly those bytes), timed from
 construction to the batch that covers the same number of activation bytes: "ours" is the
 default loader (chunks read into window buffers, each file checked against its chunk record's
-SHA-256 on its first read: every file, since each measurement is a new loader's first epoch),
+XXH3-64 on its first read: every file, since each measurement is a new loader's first epoch),
 "ours_unverified" the same with verify=False ("verify_ratio" = ours / ours_unverified, the
 check's cost), "ours_mapped" the memory-mapped windows (opt-in, unverified; the loader's old
 default) and "ours_mapped_verified" those with the check (hashing the mapped pages). Warm:
