@@ -129,18 +129,26 @@ class Heartbeat:
 
     def diagnose(self) -> Verdict | None:
         """After a failed collective: watch the peers' beats until each is alive or STALE_S
-        silent (at most STALE_S and a beat); None if the store cannot be read."""
+        silent (at most STALE_S and a beat); None if the store cannot be read for STALE_S (a
+        read that fails once on a busy machine is retried: only a store that stays silent is
+        lost)."""
         peers = [r for r in range(self.world) if r != self.rank]
-        try:
-            first, start = self.read(), time.monotonic()
-            while True:
+        first, start = None, time.monotonic()
+        while True:
+            try:
+                beats = self.read()
+            except RuntimeError:  # torch's store errors (connection refused, reset, timeout)
+                if time.monotonic() - start >= STALE_S:
+                    return None
                 time.sleep(INTERVAL_S)
-                verdict = judge(peers, first, self.read(), time.monotonic() - start,
-                                self.exchanges)
+                continue
+            if first is None:
+                first, start = beats, time.monotonic()
+            else:
+                verdict = judge(peers, first, beats, time.monotonic() - start, self.exchanges)
                 if not verdict.waiting:
                     return verdict
-        except RuntimeError:  # torch's store errors (connection refused, reset, timeout)
-            return None
+            time.sleep(INTERVAL_S)
 
 
 def start(rank: int, world: int) -> Heartbeat | None:
