@@ -1,6 +1,7 @@
 """Sections of scripts/gpu_check.py other than extraction: the CUDA tests, CUDA graph vs eager,
-training throughput, and the loader's host-to-device rate. Each takes (device, sizes) and returns
-a dict whose "measured" entry holds the values gpu_check.py judges against its targets."""
+training throughput, and the loader's host-to-device rate and the cost of its read-time checks.
+Each takes (device, sizes) and returns a dict whose "measured" entry holds the values
+gpu_check.py judges against its targets."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_loader import chunk_files, measure, summarise
 from bench_train import our_step, shape_section
 from timing import log, sync, time_steps
 
@@ -135,7 +137,9 @@ def train_section(device: torch.device, sizes: dict) -> dict:
 def loader_section(device: torch.device, sizes: dict) -> dict:
     """ActivationLoader over a synthetic cache onto `device` (pinned staging on CUDA): GB/s of
     stored bytes delivered, after a warm-up epoch (its first reads also hash the chunk files),
-    against a bare copy of the same bytes from (pinned) host memory."""
+    against a bare copy of the same bytes from (pinned) host memory. Then the read-time check's
+    cost on this machine's cores: bench_loader's first epoch from the page cache, checked
+    against not checked ("verify_ratio", medians of `verify_repeats`)."""
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_loader_"))
     try:
         d, B = sizes["d_model"], sizes["batch"]
@@ -156,6 +160,10 @@ def loader_section(device: torch.device, sizes: dict) -> dict:
             sync(device)
             seconds = time.perf_counter() - t
             pinned, on = loader.pin, str(x.device)
+        runs = [measure(chunk_files(tmp / "cache"), tmp / "cache", B, False,
+                        [("ours", False, True), ("ours_unverified", False, False)])
+                for _ in range(sizes["verify_repeats"])]
+        verify = summarise(runs)
         stored = torch.empty(0, dtype=getattr(torch, sizes["storage"])).element_size()
         batch_bytes = B * d * stored
         loader_gbps = sizes["batches"] * batch_bytes / seconds / 1e9
@@ -165,7 +173,10 @@ def loader_section(device: torch.device, sizes: dict) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"pinned": pinned, "batches_on": on, "batch_bytes": batch_bytes,
             "batches_per_s": sizes["batches"] / seconds, "loader_gbps": loader_gbps,
-            "bare_copy_gbps": copy_gbps, "loader_vs_bare_copy": loader_gbps / copy_gbps}
+            "bare_copy_gbps": copy_gbps, "loader_vs_bare_copy": loader_gbps / copy_gbps,
+            "first_epoch_warm": {k: verify[k] for k in ("ours", "ours_unverified",
+                                                        "verify_ratios")},
+            "measured": {"verify_ratio": verify["verify_ratio"]}}
 
 
 def _copy_gbps(device: torch.device, shape: tuple, dtype: torch.dtype, pinned: bool,

@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MEASURED = ("graph", "train", "extract", "loader")
 TARGETS = {"cuda_tests_pass_rate", "graph_vs_eager", "graph_weights_rel_diff",
-           "dense_steps_per_s", "topk_vs_sparsify", "extraction_mfu", "writer_ratio"}
+           "dense_steps_per_s", "topk_vs_sparsify", "extraction_mfu", "writer_ratio",
+           "verify_ratio"}
 
 
 def run_check(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -60,6 +61,7 @@ def test_dry_run_measures_every_section_and_judges_every_target(tmp_path):
     assert extract["tokens_per_s"]["write"] > 0 and 0 < extract["mfu"]["write"] < 1
     loader = report["sections"]["loader"]
     assert loader["loader_gbps"] > 0 and loader["bare_copy_gbps"] > 0
+    assert loader["measured"]["verify_ratio"] > 0 and loader["first_epoch_warm"]["ours"]["bytes"]
     targets = report["targets"]
     assert set(targets) == TARGETS
     for name, t in targets.items():
