@@ -16,6 +16,8 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cache_schema import (
@@ -66,6 +68,22 @@ class Mirror:
         self.root: Path | None = None
         self.pulled = False
 
+    @contextmanager
+    def _storage(self, what: str) -> Iterator[None]:
+        """Any failure of the storage other than a missing key (no connection, refused
+        credentials, a throttled or broken endpoint) as one paragraph naming the URL."""
+        try:
+            yield
+        except (FileNotFoundError, PipelineError, CacheError):
+            raise
+        except Exception as e:  # botocore's, aiohttp's, gcsfs's... errors: no common base
+            endpoint = os.environ.get("AWS_ENDPOINT_URL")
+            raise PipelineError(
+                f"cannot {what} {self.url}: {type(e).__name__}: {e}. Check the network, the "
+                f"endpoint ({'AWS_ENDPOINT_URL=' + endpoint if endpoint else 'AWS_ENDPOINT_URL unset'})"
+                " and the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE), then run the same "
+                "command again: what was written or mirrored so far is kept") from e
+
     def folder(self, cache_id: str) -> Path:
         """The mirror folder of one cache id of this URL (also the writer's staging folder)."""
         self.root = self.home / cache_id
@@ -87,7 +105,8 @@ class Mirror:
         incoming = self.home / f".incoming.{os.getpid()}"
         shutil.rmtree(incoming, ignore_errors=True)
         try:
-            self._get(f"{self.base}/zarr.json", incoming / "zarr.json")
+            with self._storage("read the manifest of"):
+                self._get(f"{self.base}/zarr.json", incoming / "zarr.json")
         except FileNotFoundError:
             return None
         try:
@@ -103,7 +122,8 @@ class Mirror:
             return False
         root = self.folder(m.cache_id)
         try:
-            names = self.fs.find(self.base)
+            with self._storage("list"):
+                names = self.fs.find(self.base)
         except FileNotFoundError:
             return False
         for name in names:
@@ -111,7 +131,8 @@ class Mirror:
             local = root / rel
             if not _METADATA.fullmatch(rel) or not local.resolve().is_relative_to(root.resolve()):
                 continue
-            self._get(name, local)
+            with self._storage("download the metadata of"):
+                self._get(name, local)
         self.pulled = True
         return True
 
@@ -129,7 +150,8 @@ class Mirror:
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = _partial(local)
         try:
-            self.fs.get_file(self._remote(local), str(tmp))
+            with self._storage(f"download chunk {k} of {array} from"):
+                self.fs.get_file(self._remote(local), str(tmp))
         except FileNotFoundError:
             if again:  # the mirror may hold a copy; the bucket's file is what is checked
                 raise PipelineError(f"chunk {k} of {array} is missing from {self.url}") from None
@@ -146,14 +168,16 @@ class Mirror:
 
     def clear_remote(self) -> None:
         """Delete the remote cache's own entries (for --overwrite); other keys stay."""
-        for name in OWN_ENTRIES:
-            if self.fs.exists(f"{self.base}/{name}"):
-                self.fs.rm(f"{self.base}/{name}", recursive=True)
+        with self._storage("delete the old cache at"):
+            for name in OWN_ENTRIES:
+                if self.fs.exists(f"{self.base}/{name}"):
+                    self.fs.rm(f"{self.base}/{name}", recursive=True)
 
     def push(self, paths: list[Path]) -> None:
         """Upload files of the mirror to the remote cache, in the order given."""
-        for path in paths:
-            self.fs.put_file(str(path), self._remote(path))
+        with self._storage("upload to"):
+            for path in paths:
+                self.fs.put_file(str(path), self._remote(path))
 
 
 def _partial(local: Path) -> Path:
