@@ -7,14 +7,18 @@ enters the mirror; a cache replaced in the bucket (a new id) gets a fresh folder
 the old one are never read for it. `extract --out URL` writes the cache in that folder and
 uploads every chunk's files, then its record, as soon as the chunk is done (the manifest first
 as 'writing' and last as 'complete'), so an interrupted upload resumes like a crash.
+Each process holds a shared lock on every cache id folder it uses; a reader that finds a new id
+in the bucket removes the folders of the URL's other ids that no process holds.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
 import shutil
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +48,7 @@ _METADATA = re.compile(r"(?:(?:tokens|masked_tokens|is_masked|seq|clean|masked)/
                        r"|_chunks/\d{8}\.json")
 # A chunk file: <array>/c/<k> or <array>/c/<k>/0.
 _CHUNK = re.compile(r"(?P<array>.+)/c/(?P<k>\d+)(?:/0)?")
+_CACHE_ID = re.compile(r"[0-9a-f]{16}")
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -67,6 +72,7 @@ class Mirror:
         self.home.mkdir(parents=True, exist_ok=True)
         self.root: Path | None = None
         self.pulled = False
+        self._in_use: dict[str, int] = {}  # cache id: the descriptor of its shared lock
 
     @contextmanager
     def _storage(self, what: str) -> Iterator[None]:
@@ -84,10 +90,43 @@ class Mirror:
                 " and the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE), then run the same "
                 "command again: what was written or mirrored so far is kept") from e
 
+    def _lock(self, cache_id: str) -> int:
+        return os.open(self.home / f".{cache_id}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                       0o644)
+
     def folder(self, cache_id: str) -> Path:
-        """The mirror folder of one cache id of this URL (also the writer's staging folder)."""
+        """The mirror folder of one cache id of this URL (also the writer's staging folder),
+        held in use by this process until it ends (waits while another prunes it)."""
+        if cache_id not in self._in_use:
+            fd = self._lock(cache_id)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self._in_use[cache_id] = fd
         self.root = self.home / cache_id
         return self.root
+
+    def release(self) -> None:
+        """Stop holding this process's cache id folders (a process's end does the same)."""
+        for fd in self._in_use.values():
+            os.close(fd)
+        self._in_use.clear()
+
+    def prune(self) -> None:
+        """Remove the folders of this URL's other cache ids (caches the bucket held before)
+        that no process holds, and say what that freed."""
+        for old in sorted(self.home.iterdir()):
+            if old.name in self._in_use or not old.is_dir() or not _CACHE_ID.fullmatch(old.name):
+                continue
+            fd = self._lock(old.name)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                size = sum(f.stat().st_size for f in old.rglob("*") if f.is_file())
+                shutil.rmtree(old, ignore_errors=True)
+                print(f"note: removed the local mirror of cache {old.name}, which {self.url} "
+                      f"held before {self.root.name} ({size / 1e9:.2f} GB)", file=sys.stderr)
+            except BlockingIOError:
+                continue  # a process still reads (or writes) that cache
+            finally:
+                os.close(fd)
 
     def _remote(self, local: Path) -> str:
         return f"{self.base}/{local.relative_to(self.root).as_posix()}"
@@ -134,6 +173,7 @@ class Mirror:
             with self._storage("download the metadata of"):
                 self._get(name, local)
         self.pulled = True
+        self.prune()
         return True
 
     def fetch(self, local: Path, again: bool = False) -> None:
@@ -183,8 +223,6 @@ class Mirror:
 def _partial(local: Path) -> Path:
     """A download's temporary name, unique per process and thread (the loader reads in threads)."""
     return local.with_name(f"{local.name}.{os.getpid()}-{threading.get_ident()}.partial")
-
-
 
 
 def mirror(url: str) -> Mirror:

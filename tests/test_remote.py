@@ -51,6 +51,8 @@ def forget_connections() -> None:
     from pipeline import remote
 
     s3fs.S3FileSystem.clear_instance_cache()
+    for m in remote._MIRRORS.values():
+        m.release()
     remote._MIRRORS.clear()
 
 

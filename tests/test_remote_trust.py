@@ -3,7 +3,9 @@ whole, inspect/verify/train through the mirror, and a mirror that trusts nothing
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -24,6 +26,8 @@ def new_process() -> None:
     """Forget this process's mirrors, as a new `pipeline` process starts without them."""
     from pipeline import remote
 
+    for m in remote._MIRRORS.values():
+        m.release()
     remote._MIRRORS.clear()
 
 
@@ -113,9 +117,20 @@ def test_a_cache_replaced_in_the_bucket_is_read_afresh_not_from_the_old_mirror(
     r = runner.invoke(app, train_args(url, tmp_path / "old", *masked))  # fills the mirror
     assert r.exit_code == 0, r.output
     upload(tmp_path / "seed7", prefix)  # another machine replaces the cache (a new cache id)
+    from pipeline.remote import local_cache, mirror
+
+    old_root = local_cache(url)
+    still_reading = os.open(old_root.parent / f".{old_root.name}.lock", os.O_RDONLY)
+    fcntl.flock(still_reading, fcntl.LOCK_SH)  # another process still trains on the old cache
     new_process()
     r = runner.invoke(app, train_args(url, tmp_path / "new", *masked))
     assert r.exit_code == 0, r.output
+    new_root = mirror(url).root
+    assert new_root != old_root and old_root.is_dir()  # in use: kept
+    os.close(still_reading)
+    new_process()
+    local_cache(url)  # the next reader removes the old cache's mirror, not the new one's
+    assert not old_root.exists() and (new_root / "zarr.json").is_file()
     r = runner.invoke(app, train_args(tmp_path / "seed7", tmp_path / "local", *masked))
     assert r.exit_code == 0, r.output
     assert (tmp_path / "new" / "sae_weights.safetensors").read_bytes() == \
