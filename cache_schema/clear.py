@@ -23,6 +23,15 @@ def own_entries(root: str | Path) -> list[Path]:
     return found
 
 
+def own_bytes(root: str | Path) -> int:
+    """Bytes of the files in the cache's own entries in root (links not followed)."""
+    total = 0
+    for entry in own_entries(root):
+        files = [entry] if not entry.is_dir() or entry.is_symlink() else entry.rglob("*")
+        total += sum(f.lstat().st_size for f in files if f.is_symlink() or f.is_file())
+    return total
+
+
 def remove_cache(root: str | Path) -> None:
     """Delete the cache's own entries in root. A symlinked root is cleared where it points;
     links inside are removed as links, never followed."""

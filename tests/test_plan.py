@@ -108,3 +108,21 @@ def test_counts_take_scientific_notation_and_suffixes(count, value):
     from pipeline.options import parse_count
 
     assert parse_count(count) == value
+
+
+def test_overwriting_another_cache_counts_its_bytes_not_its_chunks(tmp_path, monkeypatch,
+                                                                   tiny_model, corpus):
+    """Under --overwrite the old cache's chunks are not this cache's work done: its bytes are
+    what gets freed (here half a chunk: one bfloat16 chunk where four float32 ones are due)."""
+    out = tmp_path / "cache"
+    args = ["extract", "--out", str(out), "--model", str(tiny_model), "--corpus", str(corpus),
+            "--layer", "1", "--rows-per-chunk", "512", "--context-length", "64", "--no-progress"]
+    assert runner.invoke(app, [*args, "--tokens", "512", "--dtype", "bfloat16"]).exit_code == 0
+    chunk = 512 * (2 * 64 * 4 + 13)
+    monkeypatch.setattr(estimate.shutil, "disk_usage",
+                        lambda path: Usage(0, 0, int(3.2 * chunk)))
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    r = runner.invoke(app, [*args, "--tokens", "2048", "--overwrite"])
+    assert r.exit_code == 2, r.output
+    assert "4 chunks" in r.output and "--force" in r.output, r.output
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before

@@ -34,6 +34,7 @@ from cache_schema import (
     list_done_chunks,
     read_manifest,
 )
+from cache_schema.clear import own_bytes
 from cache_schema.dtypes import storage_dtype
 from cache_schema.write import finalize
 from pipeline import models
@@ -106,10 +107,15 @@ def plan(cfg: ExtractConfig) -> tuple[Manifest, Corpus, models.ModelSource, obje
 
 def _check_space(cfg: ExtractConfig, d_model: int) -> None:
     """The pre-flight check: the chunks still to write must fit on the output's filesystem
-    (uncompressed size: a codec only shrinks them)."""
+    (uncompressed size: a codec only shrinks them). Under --overwrite the folder's cache may be
+    another one, so its bytes count as free (removed, or kept as this cache's done chunks)."""
     n_chunks = cfg.tokens // cfg.rows_per_chunk
-    todo = n_chunks - len([k for k in list_done_chunks(cfg.out) if k < n_chunks])
-    needed = data_bytes(todo * cfg.rows_per_chunk, d_model, len(cfg.layers), cfg.dtype)
+    out = Path(cfg.out)
+    if cfg.overwrite and out.is_dir():
+        todo, freed = n_chunks, own_bytes(out)
+    else:
+        todo, freed = n_chunks - len([k for k in list_done_chunks(out) if k < n_chunks]), 0
+    needed = data_bytes(todo * cfg.rows_per_chunk, d_model, len(cfg.layers), cfg.dtype) - freed
     check_space(cfg.out, needed, f"the cache ({todo} chunks of {cfg.rows_per_chunk} tokens x "
                 f"{len(cfg.layers)} layer(s) x 2 streams in {cfg.dtype})", cfg.force)
 
