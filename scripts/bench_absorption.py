@@ -85,12 +85,13 @@ def verdict(name: str, ours: list[dict], sb: list[dict], ours_s: float, sb_s: fl
     return out
 
 
-def run_ours(src, tok, layer: int, saes: dict, args) -> tuple[dict, float]:
-    """Our results per SAE and seed, and what one SAE costs alone (seconds)."""
+def run_ours(src, tok, layer: int, saes: dict, args) -> tuple[dict, float, float]:
+    """Our results per SAE and seed, what one SAE costs alone and what all of them cost on one
+    word sample (seconds, first seed)."""
     base = models.load_truncated(src, layer + 1, torch.float32, "cpu")
     loaded = {name: load_saelens(folder) for name, folder in saes.items()}
     ours: dict[str, list[dict]] = {name: [] for name in saes}
-    ours_s = 0.0
+    ours_s = all_s = 0.0
     for seed in range(args.seeds):
         # the prompts' activations do not depend on the SAE: one sample serves all of them
         t0 = time.perf_counter()
@@ -106,7 +107,8 @@ def run_ours(src, tok, layer: int, saes: dict, args) -> tuple[dict, float]:
                   file=sys.stderr)
         # what one SAE costs alone: all of the sample's prompts plus the slowest scoring
         ours_s = ours_s or sample_s + max(score_s)
-    return ours, ours_s
+        all_s = all_s or sample_s + sum(score_s)
+    return ours, ours_s, all_s
 
 
 def main() -> None:
@@ -145,12 +147,13 @@ def main() -> None:
 
     if args.ours_json:
         saved = json.loads(Path(args.ours_json).read_text())
-        ours, ours_s = saved["ours"], saved["seconds"]
+        ours, ours_s, all_s = saved["ours"], saved["seconds"], saved.get("all_seconds")
     else:
-        ours, ours_s = run_ours(src, tok, layer, saes, args)
+        ours, ours_s, all_s = run_ours(src, tok, layer, saes, args)
     out = {"every": args.every, "words": len(words), "layer": layer,
            "min_letters": args.min_letters, "saes": {}}
-    (work / "ours.json").write_text(json.dumps({"seconds": ours_s, "ours": ours}))
+    (work / "ours.json").write_text(json.dumps({"seconds": ours_s, "all_seconds": all_s,
+                                                "ours": ours}))
     sb_runs = None
     if args.saebench_json:
         sb_runs = [run for f in args.saebench_json
@@ -162,9 +165,16 @@ def main() -> None:
                "--min-letters", str(args.min_letters),
                *[f"--sae={n}={f}" for n, f in saes.items()]]
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        (work / "saebench.json").write_text(done.stdout)  # for --saebench-json later
         sb_runs = json.loads(done.stdout.strip().splitlines()[-1])["runs"]
     if sb_runs:
         out["saebench_seeds"] = [run["seed"] for run in sb_runs]
+        # every SAE on one word sample: ours shares the prompts, SAEBench only its probe phase
+        sb_all = float(np.mean([run["probe_seconds"] + sum(r["seconds"] for r in run["saes"].values())
+                                for run in sb_runs]))
+        if all_s:
+            out["all_saes"] = {"saes": len(saes), "ours_seconds": all_s,
+                               "saebench_seconds": sb_all, "speedup": sb_all / all_s}
     for name in saes:
         entry = {"ours": ours[name], "ours_seconds": ours_s}
         if len(ours[name]) > 1:

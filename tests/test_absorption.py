@@ -223,3 +223,9 @@ def test_prompts_are_read_at_the_word_token(tiny_model):
     # one prompt alone gives the same activation as in a padded batch
     alone = word_activations(base, 1, rows[5:6])
     assert torch.allclose(alone[0], acts[5], atol=1e-5)
+    # the read block's MLP runs at the read positions only: the same as a plain forward's
+    # output of block 1 there (from a deeper stack: the last of hidden_states is normed)
+    deeper = load_truncated(src, 3, torch.float32, "cpu")
+    for i, r in enumerate(rows):
+        full = deeper(input_ids=torch.tensor([r]), output_hidden_states=True).hidden_states[2]
+        assert torch.allclose(acts[i], full[0, -1], atol=1e-5), i

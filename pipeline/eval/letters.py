@@ -61,6 +61,33 @@ def prompt_ids(tok, prompts: list[str], cfg: AbsorptionConfig) -> list[list[int]
     return rows
 
 
+class ReadPositionsOnly:
+    """Hooks that make the read block's MLP (position-wise) run at each row's read position
+    only: the block's output elsewhere is never read, and its MLP is most of its work. Other
+    positions get a zero MLP output. No-op for a block without an `mlp` submodule."""
+
+    def __init__(self, block: torch.nn.Module):
+        self.positions: torch.Tensor | None = None
+        mlp = getattr(block, "mlp", None)
+        self.handles = [] if mlp is None else [
+            mlp.register_forward_pre_hook(self._gather),
+            mlp.register_forward_hook(self._scatter)]
+
+    def _gather(self, _m, args):
+        x = args[0]
+        self.shape, self.rows = x.shape, torch.arange(x.shape[0], device=x.device)
+        return (x[self.rows, self.positions.to(x.device)].unsqueeze(1), *args[1:])
+
+    def _scatter(self, _m, _args, output):
+        full = output.new_zeros(self.shape)
+        full[self.rows, self.positions.to(output.device)] = output[:, 0]
+        return full
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @torch.no_grad()
 def word_activations(base, layer: int, rows: list[list[int]], batch_size: int = 32,
                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -71,7 +98,8 @@ def word_activations(base, layer: int, rows: list[list[int]], batch_size: int = 
     def hook(_m, _i, output):
         captured["h"] = (output[0] if isinstance(output, tuple) else output).float()
 
-    handle = decoder_layers(base)[layer].register_forward_hook(hook)
+    block = decoder_layers(base)[layer]
+    handle, read_only = block.register_forward_hook(hook), ReadPositionsOnly(block)
     device = next(base.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out = torch.empty(len(rows), base.config.hidden_size)
@@ -82,6 +110,7 @@ def word_activations(base, layer: int, rows: list[list[int]], batch_size: int = 
             ids = torch.zeros(len(idx), int(lengths.max()), dtype=torch.long)
             for j, i in enumerate(idx):
                 ids[j, :len(rows[i])] = torch.tensor(rows[i])
+            read_only.positions = lengths - 1
             base(input_ids=ids.to(device), use_cache=False)
             h = captured.pop("h")
             out[idx] = h[torch.arange(len(idx)), lengths.to(h.device) - 1].cpu()
@@ -89,6 +118,7 @@ def word_activations(base, layer: int, rows: list[list[int]], batch_size: int = 
                 progress(len(idx))
     finally:
         handle.remove()
+        read_only.remove()
     return out
 
 
