@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from cache_schema.files import tree_bytes
 from cache_schema.lock import LOCK_NAME
 from cache_schema.manifest import STREAMS
 from cache_schema.store import LEFTOVER_SUFFIXES, RECORDS_DIR, TOKEN_ARRAYS
@@ -25,11 +26,7 @@ def own_entries(root: str | Path) -> list[Path]:
 
 def own_bytes(root: str | Path) -> int:
     """Bytes of the files in the cache's own entries in root (links not followed)."""
-    total = 0
-    for entry in own_entries(root):
-        files = [entry] if not entry.is_dir() or entry.is_symlink() else entry.rglob("*")
-        total += sum(f.lstat().st_size for f in files if f.is_symlink() or f.is_file())
-    return total
+    return sum(tree_bytes(entry) for entry in own_entries(root))
 
 
 def remove_cache(root: str | Path) -> None:

@@ -14,6 +14,13 @@ HASHES = {"sha256": hashlib.sha256, "xxh3": xxhash.xxh3_64}
 (an order of magnitude faster) for the loader's check of every file it reads."""
 
 
+def tree_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder; links count as links, never followed."""
+    if path.is_symlink() or not path.is_dir():
+        return path.lstat().st_size
+    return sum(f.lstat().st_size for f in path.rglob("*") if f.is_symlink() or f.is_file())
+
+
 def file_sha256(path: Path, sync: bool = False) -> str:
     """SHA-256 of a file; with sync, also flush it to stable storage (fsync)."""
     return file_digests(path, ("sha256",), sync)["sha256"]

@@ -35,7 +35,7 @@ from cache_schema import (
     verify,
 )
 from cache_schema.clear import OWN_ENTRIES
-from cache_schema.files import file_sha256
+from cache_schema.files import file_sha256, tree_bytes
 from pipeline.errors import PipelineError
 from pipeline.home import cache_home
 
@@ -119,7 +119,7 @@ class Mirror:
             fd = self._lock(old.name)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                size = sum(f.stat().st_size for f in old.rglob("*") if f.is_file())
+                size = tree_bytes(old)
                 shutil.rmtree(old, ignore_errors=True)
                 print(f"note: removed the local mirror of cache {old.name}, which {self.url} "
                       f"held before {self.root.name} ({size / 1e9:.2f} GB)", file=sys.stderr)
