@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from pipeline.eval.absorption import (
     first_letter,
     split_words,
 )
-from pipeline.models import decoder_layers
+from pipeline.models import decoder_layers, packed_linears
 
 ALPHA = set(string.ascii_letters)
 
@@ -92,18 +93,22 @@ class ReadPositionsOnly:
 def word_activations(base, layer: int, rows: list[list[int]], batch_size: int = 32,
                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Residual stream after block `layer` at the last token of every row. Rows of like length
-    share a batch, right-padded (a causal model: padding after a token does not change it)."""
+    share a batch, right-padded (a causal model: padding after a token does not change it). The
+    forward is nearly all linear layers: on CPU their weights are packed once (models.packed)."""
     captured = {}
 
     def hook(_m, _i, output):
         captured["h"] = (output[0] if isinstance(output, tuple) else output).float()
 
     block = decoder_layers(base)[layer]
-    handle, read_only = block.register_forward_hook(hook), ReadPositionsOnly(block)
     device = next(base.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out = torch.empty(len(rows), base.config.hidden_size)
-    try:
+    with ExitStack() as stack:
+        stack.callback(block.register_forward_hook(hook).remove)
+        read_only = ReadPositionsOnly(block)
+        stack.callback(read_only.remove)
+        stack.enter_context(packed_linears(base, batch_size * 80))
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             lengths = torch.tensor([len(rows[i]) for i in idx])
@@ -116,9 +121,6 @@ def word_activations(base, layer: int, rows: list[list[int]], batch_size: int = 
             out[idx] = h[torch.arange(len(idx)), lengths.to(h.device) - 1].cpu()
             if progress is not None:
                 progress(len(idx))
-    finally:
-        handle.remove()
-        read_only.remove()
     return out
 
 

@@ -10,6 +10,7 @@ from pipeline.models.load import (
     model_source_of,
     tokenizer_hash,
 )
+from pipeline.models.packed import packed_linears
 from pipeline.models.source import (
     DEFAULT_GGUF,
     DEFAULT_NAME,
@@ -34,6 +35,7 @@ __all__ = [
     "load_tokenizer",
     "load_truncated",
     "model_source_of",
+    "packed_linears",
     "resolve_model",
     "tokenizer_hash",
 ]
