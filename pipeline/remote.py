@@ -13,6 +13,7 @@ in the bucket removes the folders of the URL's other ids that no process holds.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -56,6 +57,22 @@ def is_remote(path: str | os.PathLike) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def _hint(url: str, error: Exception) -> str:
+    """What to check for a storage failure: the local disk when it is full, else the network
+    and the settings of the URL's storage."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return f"The local disk under {cache_home()} is full: free space there or set PIPELINE_HOME"
+    scheme = url.split("://", 1)[0]
+    if scheme in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        where = "AWS_ENDPOINT_URL=" + endpoint if endpoint else "AWS_ENDPOINT_URL unset"
+        return (f"Check the network, the endpoint ({where}) and the credentials "
+                "(AWS_ACCESS_KEY_ID / AWS_PROFILE)")
+    if scheme in ("gs", "gcs"):
+        return "Check the network and the credentials (GOOGLE_APPLICATION_CREDENTIALS)"
+    return f"Check the network and the credentials of {scheme}://"
+
+
 class Mirror:
     """A remote cache URL and its local folders: `home` for the URL (the writer's lock lives
     there), `root` for the cache id the bucket holds (None until known)."""
@@ -83,12 +100,9 @@ class Mirror:
         except (FileNotFoundError, PipelineError, CacheError):
             raise
         except Exception as e:  # botocore's, aiohttp's, gcsfs's... errors: no common base
-            endpoint = os.environ.get("AWS_ENDPOINT_URL")
             raise PipelineError(
-                f"cannot {what} {self.url}: {type(e).__name__}: {e}. Check the network, the "
-                f"endpoint ({'AWS_ENDPOINT_URL=' + endpoint if endpoint else 'AWS_ENDPOINT_URL unset'})"
-                " and the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE), then run the same "
-                "command again: what was written or mirrored so far is kept") from e
+                f"cannot {what} {self.url}: {type(e).__name__}: {e}. {_hint(self.url, e)}, then "
+                "run the same command again: what was written or mirrored so far is kept") from e
 
     def _lock(self, cache_id: str) -> int:
         return os.open(self.home / f".{cache_id}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,

@@ -41,3 +41,21 @@ def test_unreachable_storage_is_one_paragraph_and_exit_2(command, unreachable, t
     assert "s3://caches/nowhere" in text and unreachable in text, text
     assert "AWS_ENDPOINT_URL" in text and "credentials" in text, text
     assert not (tmp_path / "run").exists()
+
+
+def test_the_hint_fits_the_storage_and_a_full_local_disk(monkeypatch, tmp_path):
+    """gs:// was told to check AWS variables, and a full local disk to check the network."""
+    import errno
+
+    from pipeline.errors import PipelineError
+    from pipeline.remote import Mirror, _hint
+
+    monkeypatch.setenv("PIPELINE_HOME", str(tmp_path / "home"))
+    gs = _hint("gs://bucket/cache", ConnectionError("refused"))
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in gs and "AWS" not in gs
+    assert "AWS_ACCESS_KEY_ID" in _hint("s3://bucket/cache", ConnectionError("refused"))
+    mirror = Mirror("memory://bucket/cache")
+    with pytest.raises(PipelineError) as e, mirror._storage("download"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    text = str(e.value)
+    assert "is full" in text and str(tmp_path / "home") in text and "AWS" not in text, text
