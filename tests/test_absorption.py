@@ -229,3 +229,25 @@ def test_prompts_are_read_at_the_word_token(tiny_model):
     for i, r in enumerate(rows):
         full = deeper(input_ids=torch.tensor([r]), output_hidden_states=True).hidden_states[2]
         assert torch.allclose(acts[i], full[0, -1], atol=1e-5), i
+
+
+def test_read_positions_only_keeps_a_tuple_returning_mlp():
+    """A mixture-of-experts MLP returns (hidden, router logits); the hooks made its hidden part
+    full-size at the read positions and passed the rest on."""
+    from pipeline.eval.letters import ReadPositionsOnly
+
+    class MoE(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x, x.sum(-1)
+
+    block = torch.nn.Module()
+    block.mlp = MoE()
+    hooks = ReadPositionsOnly(block)
+    hooks.positions = torch.tensor([1, 3])
+    x = torch.randn(2, 4, 5)
+    hidden, logits = block.mlp(x)
+    assert hidden.shape == x.shape and logits.shape == (2, 1)
+    assert torch.equal(hidden[0, 1], 2 * x[0, 1]) and torch.equal(hidden[1, 3], 2 * x[1, 3])
+    assert hidden[0, 0].abs().sum() == 0
+    hooks.remove()
+    assert block.mlp(x)[0].shape == x.shape

@@ -80,9 +80,11 @@ class ReadPositionsOnly:
         return (x[self.rows, self.positions.to(x.device)].unsqueeze(1), *args[1:])
 
     def _scatter(self, _m, _args, output):
-        full = output.new_zeros(self.shape)
-        full[self.rows, self.positions.to(output.device)] = output[:, 0]
-        return full
+        # a mixture-of-experts MLP returns (hidden, router logits): the logits are not read
+        hidden = output[0] if isinstance(output, tuple) else output
+        full = hidden.new_zeros(self.shape)
+        full[self.rows, self.positions.to(hidden.device)] = hidden[:, 0]
+        return (full, *output[1:]) if isinstance(output, tuple) else full
 
     def remove(self) -> None:
         for h in self.handles:
