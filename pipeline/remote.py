@@ -111,10 +111,14 @@ class Mirror:
     def folder(self, cache_id: str) -> Path:
         """The mirror folder of one cache id of this URL (also the writer's staging folder),
         held in use by this process until it ends (waits while another prunes it)."""
-        if cache_id not in self._in_use:
+        while cache_id not in self._in_use:
             fd = self._lock(cache_id)
             fcntl.flock(fd, fcntl.LOCK_SH)
-            self._in_use[cache_id] = fd
+            path = self.home / f".{cache_id}.lock"  # a prune removes the lock file it held:
+            if path.exists() and os.path.samestat(path.stat(), os.fstat(fd)):  # else retry
+                self._in_use[cache_id] = fd
+            else:
+                os.close(fd)
         self.root = self.home / cache_id
         return self.root
 
@@ -135,6 +139,7 @@ class Mirror:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 size = tree_bytes(old)
                 shutil.rmtree(old, ignore_errors=True)
+                os.unlink(self.home / f".{old.name}.lock")  # under the lock: see folder()
                 print(f"note: removed the local mirror of cache {old.name}, which {self.url} "
                       f"held before {self.root.name} ({size / 1e9:.2f} GB)", file=sys.stderr)
             except BlockingIOError:

@@ -131,6 +131,7 @@ def test_a_cache_replaced_in_the_bucket_is_read_afresh_not_from_the_old_mirror(
     new_process()
     local_cache(url)  # the next reader removes the old cache's mirror, not the new one's
     assert not old_root.exists() and (new_root / "zarr.json").is_file()
+    assert not (old_root.parent / f".{old_root.name}.lock").exists()  # its lock file too
     r = runner.invoke(app, train_args(tmp_path / "seed7", tmp_path / "local", *masked))
     assert r.exit_code == 0, r.output
     assert (tmp_path / "new" / "sae_weights.safetensors").read_bytes() == \
@@ -175,3 +176,28 @@ def test_cli_overwrite_of_a_remote_cache_refuses_then_replaces_only_its_entries(
     new_process()
     r = runner.invoke(app, ["verify", url])
     assert r.exit_code == 0, r.output
+
+
+def test_a_reader_waiting_on_a_pruned_lock_file_locks_the_new_one(tmp_path, monkeypatch):
+    """A prune removes a cache id's lock file while it holds it; a process that was waiting
+    on that file must not take it as held, or a later prune would remove its folder."""
+    import threading
+
+    from pipeline.remote import Mirror
+
+    monkeypatch.setenv("PIPELINE_HOME", str(tmp_path / "home"))
+    m = Mirror("memory://bucket/pruned")
+    cache_id = "a" * 16
+    path = m.home / f".{cache_id}.lock"
+    pruning = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(pruning, fcntl.LOCK_EX)
+    waiter = threading.Thread(target=m.folder, args=(cache_id,))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()  # blocked by the prune
+    os.unlink(path)
+    os.close(pruning)
+    waiter.join(5)
+    assert not waiter.is_alive()
+    assert os.path.samestat(path.stat(), os.fstat(m._in_use[cache_id]))
+    m.release()
