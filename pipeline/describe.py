@@ -12,17 +12,12 @@ from cache_schema import (
     read_chunk_record,
     read_manifest,
 )
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"
+from pipeline.plan.estimate import human
 
 
 def _disk_bytes(path: Path) -> int:
+    """The data of one array, linked chunk files included (unlike cache_schema.files.tree_bytes,
+    which counts what removing a tree frees)."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
@@ -50,8 +45,8 @@ def describe(root: str | Path) -> str:
     for name, (shape, dtype) in array_specs(m).items():
         size = _disk_bytes(root / name)
         total += size
-        lines.append(f"  {name:<40} {list(shape)!s:<16} {dtype.str:<4} {_size(size):>10}")
-    lines.append(f"  {'total':<40} {'':<16} {'':<4} {_size(total):>10}")
+        lines.append(f"  {name:<40} {list(shape)!s:<16} {dtype.str:<4} {human(size):>10}")
+    lines.append(f"  {'total':<40} {'':<16} {'':<4} {human(total):>10}")
     stats = m.norm_stats
     label = "norm stats"
     if m.status != STATUS_COMPLETE:
